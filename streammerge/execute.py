@@ -1,0 +1,274 @@
+"""Run a plan: a reader thread fills row bands from a fixed buffer pool, the main thread computes, a
+writer thread pwrites finished bands into their planned shards.
+
+Memory is bounded by construction: the reader can only fill a band when a pool slot is free (the
+pool has `prefetch + 1` slots, each sized for the largest band of the plan), and the writer queue
+holds at most `prefetch + 1` output bands.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import StreammergeError
+from .io.header import DTYPES
+from .io.reader import RowReader
+from .io.writer import OutTensor, ShardWriter
+from .methods import TensorJob, get_method
+from .plan.ir import Plan, TensorPlan
+
+_DONE = object()
+
+
+@dataclass
+class ShardStats:
+    filename: str
+    bytes_read: int = 0
+    bytes_written: int = 0
+    started: float = 0.0
+    finished: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return max(self.finished - self.started, 0.0)
+
+
+@dataclass
+class Band:
+    tensor: int
+    passes: tuple[int, ...]
+    r0: int
+    r1: int
+    chunks: list[torch.Tensor]
+    slot: int
+    nbytes: int
+
+
+@dataclass
+class ExecResult:
+    shards: list[ShardStats]
+    nonfinite: list[str] = field(default_factory=list)
+    device: str = "cpu"
+
+
+def make_job(plan: Plan, t: TensorPlan) -> TensorJob:
+    return TensorJob(
+        name=t.name, shape=t.shape, rows=t.rows, compute_dtype=DTYPES[t.compute_dtype][0], base=t.base,
+        params=dict(t.params), model_params=tuple(dict(m) for m in t.model_params),
+        model_ids=tuple(s.model for s in t.inputs), seed=plan.seed, kind=t.kind, row_elems=t.row_elems,
+    )
+
+
+class _Pool:
+    """Fixed slots of raw bytes; a band borrows one slot for all of its inputs."""
+
+    def __init__(self, slots: int, slot_bytes: int):
+        self.buffers = [torch.empty(max(slot_bytes, 1), dtype=torch.uint8) for _ in range(slots)]
+        self.free: queue.Queue[int] = queue.Queue()
+        for i in range(slots):
+            self.free.put(i)
+
+
+def _band_bytes(t: TensorPlan, rows: int) -> int:
+    return sum(rows * s.info.row_bytes for s in t.inputs)
+
+
+def _aligned(n: int) -> int:
+    return (n + 63) // 64 * 64
+
+
+class Executor:
+    def __init__(self, plan: Plan, out_dir: Path, device: torch.device, prefetch: int = 2,
+                 skip_shards: frozenset[int] = frozenset(), on_progress: Callable[[int], None] | None = None,
+                 on_shard_done: Callable[[int, ShardStats], None] | None = None, check_nonfinite: bool = True):
+        self.plan = plan
+        self.out_dir = out_dir
+        self.device = device
+        self.prefetch = max(1, prefetch)
+        self.skip = skip_shards
+        self.on_progress = on_progress or (lambda n: None)
+        self.on_shard_done = on_shard_done or (lambda i, s: None)
+        self.check_nonfinite = check_nonfinite
+        self.spec = get_method(plan.method)
+        self.stats = [ShardStats(s.filename) for s in plan.shards]
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        slot = max((sum(_aligned(t.rows_per_chunk * s.info.row_bytes) for s in t.inputs) for t in plan.tensors), default=1)
+        self.pool = _Pool(self.prefetch + 1, slot)
+        self.bands: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        self.writes: queue.Queue = queue.Queue(maxsize=self.prefetch + 1)
+        self.nonfinite: list[str] = []
+
+    # -- reader ---------------------------------------------------------------------------------------
+    def _read_all(self) -> None:
+        try:
+            with RowReader() as reader:
+                for ti, t in enumerate(self.plan.tensors):
+                    if t.shard in self.skip:
+                        continue
+                    whole = t.rows_per_chunk >= t.rows
+                    pass_groups = [tuple(range(t.passes))] if whole else [(p,) for p in range(t.passes)]
+                    for passes in pass_groups:
+                        for r0 in range(0, t.rows, t.rows_per_chunk):
+                            r1 = min(t.rows, r0 + t.rows_per_chunk)
+                            slot = self._take_slot()
+                            if slot is None:
+                                return
+                            buf = self.pool.buffers[slot]
+                            chunks, off = [], 0
+                            for s in t.inputs:
+                                n = (r1 - r0) * s.info.row_bytes
+                                chunks.append(reader.read_rows(s.info, r0, r1, out=buf[off:off + n]))
+                                off += _aligned(n)
+                            self._put(self.bands, Band(ti, passes, r0, r1, chunks, slot, _band_bytes(t, r1 - r0)))
+        except BaseException as e:  # surfaced by the main thread
+            self.error = self.error or e
+        finally:
+            self._put(self.bands, _DONE, force=True)
+
+    def _take_slot(self) -> int | None:
+        while not self.stop.is_set():
+            try:
+                return self.pool.free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def _put(self, q: queue.Queue, item: object, force: bool = False) -> None:
+        while True:
+            if self.stop.is_set() and not force:
+                return
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if force and self.stop.is_set():
+                    try:
+                        q.get_nowait()
+                    except queue.Empty:
+                        pass
+
+    # -- writer ---------------------------------------------------------------------------------------
+    def _write_all(self) -> None:
+        writers: dict[int, ShardWriter] = {}
+        remaining = {i: s.nbytes for i, s in enumerate(self.plan.shards)}
+        tensors = {t.name: t for t in self.plan.tensors}
+        try:
+            while True:
+                item = self.writes.get()
+                if item is _DONE:
+                    break
+                shard, name, offset, data = item
+                w = writers.get(shard)
+                if w is None:
+                    sp = self.plan.shards[shard]
+                    outs = [OutTensor(n, tensors[n].out_dtype, tensors[n].shape) for n in sp.tensors]
+                    w = writers[shard] = ShardWriter(self.out_dir / sp.filename, outs, {"format": "pt"})
+                n = w.write(name, offset, data)
+                self.stats[shard].bytes_written += n
+                remaining[shard] -= n
+                if remaining[shard] == 0:
+                    w.commit()
+                    del writers[shard]
+                    self.stats[shard].finished = time.perf_counter()
+                    self.on_shard_done(shard, self.stats[shard])
+        except BaseException as e:
+            self.error = self.error or e
+            self.stop.set()
+        finally:
+            for w in writers.values():
+                w.abort()
+
+    # -- compute --------------------------------------------------------------------------------------
+    def run(self) -> ExecResult:
+        for i, sp in enumerate(self.plan.shards):
+            if sp.nbytes == 0 and i not in self.skip:
+                ShardWriter(self.out_dir / sp.filename, [], {"format": "pt"}).commit()
+        reader = threading.Thread(target=self._read_all, name="streammerge-reader", daemon=True)
+        writer = threading.Thread(target=self._write_all, name="streammerge-writer", daemon=True)
+        reader.start()
+        writer.start()
+        try:
+            self._compute_loop()
+        except BaseException:
+            self.stop.set()
+            raise
+        finally:
+            self._put(self.writes, _DONE, force=True)
+            writer.join()
+            self.stop.set()
+            reader.join()
+        if self.error is not None:
+            raise self.error
+        return ExecResult(self.stats, self.nonfinite, str(self.device))
+
+    def _compute_loop(self) -> None:
+        spec = self.spec
+        n_reduce = len(spec.reduces)
+        jobs: dict[int, TensorJob] = {}
+        states: dict[int, object] = {}
+        stats: dict[int, list] = {}
+        while True:
+            band = self.bands.get()
+            if band is _DONE:
+                break
+            if self.error is not None:
+                raise self.error
+            t = self.plan.tensors[band.tensor]
+            job = jobs.get(band.tensor)
+            if job is None:
+                job = jobs[band.tensor] = make_job(self.plan, t)
+                stats[band.tensor] = []
+                if not self.stats[t.shard].started:
+                    self.stats[t.shard].started = time.perf_counter()
+            self.stats[t.shard].bytes_read += band.nbytes
+            chunks = [c.to(self.device, job.compute_dtype) for c in band.chunks]
+            if self.device.type == "cpu" and all(c.data_ptr() != o.data_ptr() for c, o in zip(chunks, band.chunks)):
+                self.pool.free.put(band.slot)
+                released = True
+            else:
+                released = False
+            try:
+                for p in band.passes:
+                    if p < n_reduce:
+                        red = spec.reduces[p]
+                        if band.r0 == 0:
+                            states[band.tensor] = red.init(job)
+                        red.update(states[band.tensor], job, chunks, band.r0)
+                        if band.r1 == t.rows:
+                            stats[band.tensor].append(red.finish(states.pop(band.tensor), job))
+                    else:
+                        out = spec.map(job, chunks, stats[band.tensor], band.r0)
+                        if not released and out.untyped_storage().data_ptr() == \
+                                self.pool.buffers[band.slot].untyped_storage().data_ptr():
+                            out = out.clone()  # the slot is reused as soon as this band is done
+                        self._emit(t, band, out)
+            finally:
+                if not released:
+                    self.pool.free.put(band.slot)
+            self.on_progress(band.nbytes)
+            if band.r1 == t.rows and band.passes[-1] == t.passes - 1:
+                jobs.pop(band.tensor, None)
+                stats.pop(band.tensor, None)
+
+    def _emit(self, t: TensorPlan, band: Band, out: torch.Tensor) -> None:
+        dtype = DTYPES[t.out_dtype][0]
+        expect = (band.r1 - band.r0, *t.shape[1:]) if len(t.shape) >= 2 else t.shape
+        if tuple(out.shape) != tuple(expect):
+            raise StreammergeError(f"internal: method {self.spec.name!r} produced shape {tuple(out.shape)} for rows "
+                                   f"{band.r0}:{band.r1} of {t.name!r}, expected {expect}")
+        out = out.to(dtype)
+        if self.check_nonfinite and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            if t.name not in self.nonfinite:
+                self.nonfinite.append(t.name)
+        if out.device.type != "cpu":
+            out = out.cpu()
+        offset = band.r0 * t.row_elems * DTYPES[t.out_dtype][1]
+        self._put(self.writes, (t.shard, t.name, offset, out.contiguous()))

@@ -1,0 +1,79 @@
+"""The files around the weights: index, config.json, tokenizer and generation files, model card."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from .writer import write_json_atomic, write_text_atomic
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+GENERATION_FILES = ("generation_config.json",)
+
+
+def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
+    write_json_atomic(out_dir / "model.safetensors.index.json",
+                      {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+def copy_tokenizer(src: Path, out_dir: Path, chat_template: str | None = None) -> list[str]:
+    """Copy tokenizer and generation files; never reads or runs code from the model folder."""
+    copied = []
+    for name in TOKENIZER_FILES + GENERATION_FILES:
+        f = src / name
+        if f.is_file() and not f.is_symlink() or (f.is_symlink() and f.resolve().is_file()):
+            tmp = out_dir / (name + ".partial")
+            shutil.copyfile(f, tmp)
+            tmp.replace(out_dir / name)
+            copied.append(name)
+    if chat_template:
+        _set_chat_template(out_dir, chat_template)
+    return copied
+
+
+def _set_chat_template(out_dir: Path, template: str) -> None:
+    import json
+
+    cfg_path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    cfg["chat_template"] = template
+    write_json_atomic(cfg_path, cfg)
+
+
+def write_config(out_dir: Path, config: dict) -> None:
+    write_json_atomic(out_dir / "config.json", config)
+
+
+def write_model_card(out_dir: Path, config_yaml: str, method: str, models: list[str]) -> None:
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- merge",
+        "- streammerge",
+        "---",
+        "# Merged model",
+        "",
+        f"This model was merged with [streammerge](https://pypi.org/project/streammerge/) using the `{method}` method.",
+        "",
+        "## Models merged",
+        "",
+        *[f"* {m}" for m in models],
+        "",
+        "## Configuration",
+        "",
+        "```yaml",
+        config_yaml.rstrip(),
+        "```",
+        "",
+    ]
+    write_text_atomic(out_dir / "README.md", "\n".join(lines))
+
+
+def dump_yaml(doc: dict) -> str:
+    return yaml.safe_dump(doc, sort_keys=False)

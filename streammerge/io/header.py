@@ -1,0 +1,170 @@
+"""Parse and validate safetensors headers ourselves, so a damaged file fails before any data is read.
+
+A safetensors file is: 8 bytes little-endian u64 header length N, N bytes of JSON, then the data
+region. Offsets in the JSON are relative to the data region; we store absolute file offsets so that
+readers never have to redo the arithmetic (and never overflow: Python ints are unbounded).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# safetensors dtype code -> (torch dtype, item size)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "BF16": (torch.bfloat16, 2),
+    "F16": (torch.float16, 2),
+    "F32": (torch.float32, 4),
+    "F64": (torch.float64, 8),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "I16": (torch.int16, 2),
+    "I32": (torch.int32, 4),
+    "I64": (torch.int64, 8),
+    "BOOL": (torch.bool, 1),
+}
+if hasattr(torch, "float8_e4m3fn"):
+    DTYPES["F8_E4M3"] = (torch.float8_e4m3fn, 1)
+    DTYPES["F8_E5M2"] = (torch.float8_e5m2, 1)
+
+CODE_OF: dict[torch.dtype, str] = {dt: code for code, (dt, _) in DTYPES.items()}
+FLOAT_CODES = ("BF16", "F16", "F32", "F64")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live in one file."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+    file: Path
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][1]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def rows(self) -> int:
+        """Row bands split the first dimension; 0-d and 1-d tensors are one row."""
+        return self.shape[0] if len(self.shape) >= 2 else 1
+
+    @property
+    def row_elems(self) -> int:
+        return math.prod(self.shape[1:]) if len(self.shape) >= 2 else self.numel
+
+    @property
+    def row_bytes(self) -> int:
+        return self.row_elems * self.itemsize
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] | None
+    data_start: int
+    file_size: int
+
+
+def _fail(path: Path, what: str, fix: str = "re-download or re-export this file") -> CheckpointError:
+    return CheckpointError(f"{path}: {what}; {fix}")
+
+
+def parse_header_bytes(path: Path, prefix: bytes, file_size: int) -> Header:
+    """Validate a header given the file's first 8+N bytes and its size (pure: used by the fuzz tests)."""
+    if file_size < 8 or len(prefix) < 8:
+        raise _fail(path, f"file is {file_size} bytes, too short to be safetensors (needs at least 8)")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER_BYTES:
+        raise _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + n > file_size:
+        raise _fail(path, f"header length {n} runs past the end of the file ({file_size} bytes): truncated")
+    raw = prefix[8 : 8 + n]
+    if len(raw) < n:
+        raise _fail(path, f"header truncated: expected {n} bytes, got {len(raw)}")
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(path, f"header is not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise _fail(path, f"header must be a JSON object, got {type(doc).__name__}")
+    data_start = 8 + n
+    data_len = file_size - data_start
+    metadata = doc.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise _fail(path, "__metadata__ must map strings to strings")
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in doc.items():
+        where = f"tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise _fail(path, f"{where}: entry must be an object")
+        dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPES:
+            raise _fail(path, f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})",
+                        "convert the checkpoint to bf16, fp16 or fp32")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise _fail(path, f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+        if (not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+            raise _fail(path, f"{where}: data_offsets must be two integers, got {offs!r}")
+        b, e = offs
+        if not 0 <= b <= e:
+            raise _fail(path, f"{where}: data_offsets {offs} are not ordered non-negative offsets")
+        expected = math.prod(shape) * DTYPES[dtype][1]
+        if e - b != expected:
+            raise _fail(path, f"{where}: data_offsets span {e - b} bytes but shape {shape} in {dtype} needs {expected}")
+        if e > data_len:
+            raise _fail(path, f"{where}: data ends at byte {e} of a {data_len}-byte data region: file truncated")
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), data_start + b, data_start + e, path)
+    spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
+    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise _fail(path, f"tensors {n0!r} and {n1!r} overlap in the data region")
+    return Header(path, tensors, metadata, data_start, file_size)
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Read and validate the header of one safetensors file; never reads tensor data."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) == 8:
+                (n,) = struct.unpack("<Q", head)
+                if n <= MAX_HEADER_BYTES and 8 + n <= size:
+                    head += f.read(n)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found; check the model path in the config") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, expected a .safetensors file") from None
+    except PermissionError:
+        raise CheckpointError(f"{path}: permission denied; make the file readable") from None
+    return parse_header_bytes(path, head, size)

@@ -1,0 +1,174 @@
+"""Open a model folder and read row bands of its tensors.
+
+Reads use `os.preadv` into a buffer we own, never a memory map: page-cache pages are then not part of
+our resident set, so the memory budget only has to cover the buffers in flight. Pickled checkpoints are
+the exception (torch's mmap loader), used only where no safetensors exist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from .header import DTYPES, CODE_OF, TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass
+class ModelFiles:
+    """Every tensor of one model folder, from headers only."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    config: dict | None
+    files: list[Path] = field(default_factory=list)
+    pickled: bool = False
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); fix or re-download it") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return doc
+
+
+def open_model(path: str | os.PathLike) -> ModelFiles:
+    """Inventory a model folder (or a single .safetensors file) without reading tensor data."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: model path does not exist; check the path in the config "
+                              "(streammerge reads local folders only, it does not download from a hub)")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: expected a model folder or a .safetensors file")
+        header = read_header(path)
+        return ModelFiles(path.parent, dict(header.tensors), _config_of(path.parent), [path])
+    config = _config_of(path)
+    index = path / INDEX_NAME
+    if index.exists():
+        doc = _load_json(index)
+        weight_map = doc.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: missing 'weight_map'; re-export the checkpoint")
+        tensors: dict[str, TensorInfo] = {}
+        files = sorted(set(weight_map.values()))
+        for fname in files:
+            fpath = path / fname
+            if not fpath.exists():
+                raise CheckpointError(f"{index}: lists shard {fname!r}, which is missing from {path}; "
+                                      "download the missing shard")
+            header = read_header(fpath)
+            for name, info in header.tensors.items():
+                if weight_map.get(name) != fname:
+                    raise CheckpointError(f"{fpath}: holds tensor {name!r} that {INDEX_NAME} "
+                                          f"{'does not list' if name not in weight_map else 'assigns to ' + repr(weight_map[name])}; "
+                                          "the index and shards disagree, re-export the checkpoint")
+                tensors[name] = info
+        missing = [n for n in weight_map if n not in tensors]
+        if missing:
+            raise CheckpointError(f"{index}: lists {len(missing)} tensor(s) absent from their shard, "
+                                  f"e.g. {missing[0]!r} in {weight_map[missing[0]]!r}; re-download that shard")
+        return ModelFiles(path, tensors, config, [path / f for f in files])
+    single = path / SINGLE_NAME
+    if single.exists():
+        return ModelFiles(path, dict(read_header(single).tensors), config, [single])
+    others = sorted(path.glob("*.safetensors"))
+    if others:
+        tensors = {}
+        for f in others:
+            tensors.update(read_header(f).tensors)
+        return ModelFiles(path, tensors, config, others)
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if bins:
+        return _open_pickled(path, bins, config)
+    raise CheckpointError(f"{path}: no model.safetensors, {INDEX_NAME}, *.safetensors or pytorch_model*.bin found")
+
+
+def _config_of(path: Path) -> dict | None:
+    cfg = path / "config.json"
+    return _load_json(cfg) if cfg.exists() else None
+
+
+def _open_pickled(path: Path, bins: list[Path], config: dict | None) -> ModelFiles:
+    """Pickled weights: loaded with weights_only=True (no arbitrary objects) and mmap=True (no copy)."""
+    tensors: dict[str, TensorInfo] = {}
+    for f in bins:
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types for bad pickles
+            raise CheckpointError(f"{f}: cannot be loaded safely with weights_only=True ({e}); "
+                                  "convert it to safetensors") from None
+        for name, t in sd.items():
+            if not isinstance(t, torch.Tensor) or t.dtype not in CODE_OF:
+                raise CheckpointError(f"{f}: entry {name!r} is not a tensor of a supported dtype")
+            nbytes = t.numel() * t.element_size()
+            tensors[name] = TensorInfo(name, CODE_OF[t.dtype], tuple(t.shape), 0, nbytes, f)
+    return ModelFiles(path, tensors, config, bins, pickled=True)
+
+
+class RowReader:
+    """Reads row bands; owns its file descriptors (no global cache), closed by `close()`."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd
+        return fd
+
+    def read_rows(self, info: TensorInfo, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [r0, r1) of a tensor, in its stored dtype, shaped [r1 - r0, *shape[1:]] (whole 0/1-d tensors)."""
+        shape = (r1 - r0, *info.shape[1:]) if len(info.shape) >= 2 else info.shape
+        if info.file.suffix == ".bin":
+            sd = self._pickles.get(info.file)
+            if sd is None:
+                sd = torch.load(info.file, map_location="cpu", weights_only=True, mmap=True)
+                self._pickles[info.file] = sd
+            t = sd[info.name]
+            return (t[r0:r1] if len(info.shape) >= 2 else t).clone().reshape(shape)
+        nbytes = (r1 - r0) * info.row_bytes
+        if out is None:
+            out = torch.empty(nbytes, dtype=torch.uint8)
+        else:
+            out = out.view(torch.uint8).reshape(-1)[:nbytes]
+        if nbytes:
+            self.pread_into(info.file, info.begin + r0 * info.row_bytes, out)
+        return out.view(DTYPES[info.dtype][0]).reshape(shape)
+
+    def pread_into(self, path: Path, offset: int, out: torch.Tensor) -> None:
+        fd = self._fd(path)
+        mv = memoryview(out.numpy()).cast("B")
+        while len(mv):
+            n = os.preadv(fd, [mv], offset)
+            if n <= 0:
+                raise CheckpointError(f"{path}: unexpected end of file at byte {offset}; the file was "
+                                      "truncated or changed during the merge")
+            mv = mv[n:]
+            offset += n
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._pickles.clear()
+
+    def __enter__(self) -> "RowReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,129 @@
+"""Write planned shards: header first, data by pwrite as chunks finish, fsync, atomic rename.
+
+The header is fully known up front (names, dtypes, shapes are planned), so each tensor's absolute file
+offset is fixed before any data exists and chunks can land in any order. The file is named
+`<final>.partial` until `commit()`, so an interrupted run never leaves a file under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .header import CODE_OF, DTYPES
+
+ALIGN = 8
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+def build_header(tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int]]:
+    """The header bytes (padded with spaces to 8-byte alignment, as safetensors does) and each tensor's
+    absolute data offset. Tensors are laid out, and listed in the JSON, in the given order, as
+    `safetensors.save_file` does, so the same order gives the same bytes."""
+    offsets: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for t in tensors:
+        offsets[t.name] = (pos, pos + t.nbytes)
+        pos += t.nbytes
+    doc: dict[str, object] = {}
+    if metadata:
+        doc["__metadata__"] = metadata
+    for t in tensors:
+        b, e = offsets[t.name]
+        doc[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [b, e]}
+    raw = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % ALIGN)
+    start = 8 + len(raw)
+    return len(raw).to_bytes(8, "little") + raw, {n: start + b for n, (b, _) in offsets.items()}
+
+
+def data_offsets_in_order(tensors: list[OutTensor]) -> list[OutTensor]:
+    """safetensors.save_file orders data by (dtype size desc, name); we follow it for byte parity."""
+    return sorted(tensors, key=lambda t: (-DTYPES[t.dtype][1], t.name))
+
+
+class ShardWriter:
+    """One output shard being written. Not thread-safe per tensor range, but pwrite of disjoint ranges
+    from several threads is fine."""
+
+    def __init__(self, final_path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None):
+        self.final_path = Path(final_path)
+        self.tmp_path = self.final_path.with_name(self.final_path.name + ".partial")
+        self.header, self.offsets = build_header(tensors, metadata)
+        self.size = len(self.header) + sum(t.nbytes for t in tensors)
+        self.fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.ftruncate(self.fd, self.size)
+        self._pwrite(self.header, 0)
+
+    def _pwrite(self, data, offset: int) -> None:
+        mv = memoryview(data).cast("B")
+        while len(mv):
+            n = os.pwrite(self.fd, mv, offset)
+            mv = mv[n:]
+            offset += n
+
+    def write(self, name: str, byte_offset: int, chunk: torch.Tensor) -> int:
+        """Write a contiguous chunk of tensor `name` starting `byte_offset` bytes into its data."""
+        chunk = chunk.contiguous()
+        if chunk.numel() == 0:
+            return 0
+        buf = chunk.view(torch.uint8).reshape(-1).numpy() if chunk.dtype != torch.uint8 else chunk.reshape(-1).numpy()
+        self._pwrite(buf, self.offsets[name] + byte_offset)
+        return buf.nbytes
+
+    def commit(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.tmp_path, self.final_path)
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def torch_code(dtype: torch.dtype) -> str:
+    return CODE_OF[dtype]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,147 @@
+"""linear, task_arithmetic, passthrough and slerp, with mergekit 0.1.5's order of operations.
+
+linear and slerp compute in fp32 (fp64 inputs stay fp64) and cast back to the first input's dtype;
+task_arithmetic works in the loaded dtype (config `dtype`, else the inputs' promoted dtype), as
+mergekit's task-vector family does; passthrough scales in the loaded dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+
+from ..kernels.mix import task_vector_sum, weighted_sum
+from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# -- linear -----------------------------------------------------------------------------------------
+
+def _linear_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
+    weights = [float(p["weight"]) for p in job.model_params]
+    return weighted_sum(chunks, weights, bool(job.params["normalize"]), _acc_dtype(chunks[0]))
+
+
+LINEAR = MethodSpec(
+    name="linear",
+    map=_linear_map,
+    params=(
+        Param("weight", per_model=True, doc="mixing weight of each model"),
+        Param("normalize", True, kind="bool", doc="divide by the sum of weights"),
+    ),
+    base="ignored",
+    min_models=1,
+    description="weighted average of the models",
+    paper="https://arxiv.org/abs/2203.05482",
+)
+
+
+# -- task_arithmetic --------------------------------------------------------------------------------
+
+def _task_arithmetic_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
+    assert job.base is not None
+    base = chunks[job.base]
+    others = [c for i, c in enumerate(chunks) if i != job.base]
+    weights = [float(p["weight"]) for i, p in enumerate(job.model_params) if i != job.base]
+    return task_vector_sum(base, others, weights, normalize=bool(job.params["normalize"]),
+                           lam=float(job.params["lambda"]))
+
+
+TASK_ARITHMETIC = MethodSpec(
+    name="task_arithmetic",
+    map=_task_arithmetic_map,
+    params=(
+        Param("weight", per_model=True, base_too=False, doc="scale of each model's task vector"),
+        Param("normalize", False, kind="bool", doc="divide by the sum of weights"),
+        Param("lambda", 1.0, doc="scale of the mixed task vector"),
+    ),
+    base="required",
+    min_models=1,
+    description="base plus the weighted sum of task vectors (model - base)",
+    paper="https://arxiv.org/abs/2212.04089",
+)
+
+
+# -- passthrough ------------------------------------------------------------------------------------
+
+def _passthrough_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
+    scale = job.model_params[0].get("scale")
+    return chunks[0] if scale is None else chunks[0] * scale
+
+
+PASSTHROUGH = MethodSpec(
+    name="passthrough",
+    map=_passthrough_map,
+    params=(Param("scale", None, per_model=True, doc="optional factor applied to the tensor"),),
+    base="ignored",
+    min_models=1,
+    max_models=1,
+    description="copies one model's tensors; with slices, stacks layers (frankenmerge)",
+)
+
+
+# -- slerp ------------------------------------------------------------------------------------------
+# Reduce: per row, fp64 sums of a², b², ab; across rows math.fsum (exactly rounded, so the result
+# does not depend on how rows were grouped into bands).
+
+def _slerp_init(job: TensorJob) -> dict[str, list[float]]:
+    return {"aa": [], "bb": [], "ab": []}
+
+
+def _slerp_pair(job: TensorJob, chunks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    assert job.base is not None
+    return chunks[job.base], chunks[1 - job.base]
+
+
+def _slerp_update(state: dict[str, list[float]], job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
+    a, b = _slerp_pair(job, chunks)
+    a = a.reshape(a.shape[0], -1).double() if a.dim() >= 2 else a.reshape(1, -1).double()
+    b = b.reshape(b.shape[0], -1).double() if b.dim() >= 2 else b.reshape(1, -1).double()
+    state["aa"].extend((a * a).sum(dim=1).tolist())
+    state["bb"].extend((b * b).sum(dim=1).tolist())
+    state["ab"].extend((a * b).sum(dim=1).tolist())
+
+
+def _slerp_finish(state: dict[str, list[float]], job: TensorJob) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two interpolation coefficients, computed in fp32 as mergekit does from the statistics."""
+    dt = torch.float64 if job.compute_dtype == torch.float64 else torch.float32
+    eps, threshold = 1e-8, 0.9995
+    t = torch.tensor(float(job.params["t"]), dtype=dt)
+    na = torch.tensor(math.sqrt(math.fsum(state["aa"])), dtype=dt)
+    nb = torch.tensor(math.sqrt(math.fsum(state["bb"])), dtype=dt)
+    na = torch.where(na > eps, na, 1)
+    nb = torch.where(nb > eps, nb, 1)
+    dot = torch.tensor(math.fsum(state["ab"]) / (float(na) * float(nb)), dtype=dt).clamp(-1, 1)
+    linear = dot.abs() > threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    ca = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
+    cb = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
+    return ca, cb
+
+
+def _slerp_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
+    a, b = _slerp_pair(job, chunks)
+    ca, cb = stats[0]
+    dt = ca.dtype
+    return (ca * a.to(dt) + cb * b.to(dt)).to(a.dtype)
+
+
+SLERP = MethodSpec(
+    name="slerp",
+    map=_slerp_map,
+    reduces=(Reduce(_slerp_init, _slerp_update, _slerp_finish),),
+    params=(Param("t", check=in_range(None, None), doc="interpolation position: 0 = base, 1 = the other model"),),
+    base="required",
+    min_models=1,
+    max_models=1,
+    description="spherical interpolation between the base and one other model",
+    paper="https://en.wikipedia.org/wiki/Slerp",
+)
+
+SPECS = (LINEAR, TASK_ARITHMETIC, PASSTHROUGH, SLERP)

@@ -1,0 +1,114 @@
+"""Merge methods as small declarative units: parameters, reduce passes, a map function.
+
+The executor runs every `Reduce` of a method as one pass over the tensor's row bands (in row order),
+then the `map` pass, which produces output rows. A method never sees a whole tensor unless the tensor
+is a single row band; statistics that need the whole tensor come from its reduce passes.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import torch
+
+from ..errors import ConfigError
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter: `per_model` ones are looked up per input model, the others once per tensor."""
+
+    name: str
+    default: Any = REQUIRED
+    per_model: bool = False
+    base_too: bool = True                 # a per-model parameter the base model also takes
+    kind: Literal["float", "int", "bool", "str"] = "float"
+    check: Callable[[Any], str | None] | None = None
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """What a method sees of one output tensor: everything resolved, nothing to look up."""
+
+    name: str
+    shape: tuple[int, ...]
+    rows: int
+    compute_dtype: torch.dtype
+    base: int | None                      # index of the base model among the inputs
+    params: Mapping[str, Any]             # global params, evaluated for this tensor
+    model_params: tuple[Mapping[str, Any], ...]  # per-input params (the base's entry included)
+    model_ids: tuple[int, ...]            # stable model index of each input, for random streams
+    seed: int
+    kind: str = "other"                   # "embedding", "lm_head", "layer", "other"
+    row_elems: int = 1
+
+
+@dataclass(frozen=True)
+class Reduce:
+    """One reduce pass: `init` makes a state, `update` folds a row band into it (bands arrive in row
+    order, `row0` is the first row of the band), `finish` turns it into a small statistic."""
+
+    init: Callable[[TensorJob], Any]
+    update: Callable[[Any, TensorJob, list[torch.Tensor], int], None]
+    finish: Callable[[Any, TensorJob], Any]
+
+
+MapFn = Callable[[TensorJob, list[torch.Tensor], Sequence[Any], int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    map: MapFn
+    params: tuple[Param, ...] = ()
+    base: Literal["required", "optional", "ignored"] = "ignored"
+    min_models: int = 1                   # inputs other than the base
+    max_models: int | None = None
+    reduces: tuple[Reduce, ...] = ()
+    description: str = ""
+    paper: str = ""
+    validate: Callable[[TensorJob], str | None] | None = None
+    uses_base_as_input: bool = True       # the base tensor is an input of the map (task vectors)
+    elementwise: bool = True              # output row band depends only on the same input rows
+
+    @property
+    def passes(self) -> int:
+        return len(self.reduces) + 1
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def get_method(name: str) -> MethodSpec:
+    from . import load_all
+
+    load_all()
+    spec = METHODS.get(name)
+    if spec is None:
+        close = difflib.get_close_matches(name, METHODS, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        raise ConfigError(f"merge_method: unknown method {name!r}; {hint}known methods: {', '.join(sorted(METHODS))}")
+    return spec
+
+
+# -- common parameter checks ----------------------------------------------------------------------
+
+def in_range(lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return f"must be a number, got {v!r}"
+        bad = (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi))
+        if bad:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            return f"must be in {left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}, got {v}"
+        return None
+    return check

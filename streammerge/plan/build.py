@@ -1,0 +1,333 @@
+"""Config -> Plan: which output tensors exist, their inputs, resolved parameters, chunking and shards.
+
+Reads configs, index files and safetensors headers only; never tensor data. Follows mergekit 0.1.5's
+planning: `models` becomes one slice over every model's full layer range (the base appended when not
+listed); layer tensors get the gradient position t = i / (n - 1) within their slice (t = 1 for a
+one-layer slice); pre tensors (embeddings) use the first slice's sources and post tensors (final norm,
+lm_head) the last slice's, both at t = 0.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import psutil
+import torch
+
+from ..arch import Arch, infer_arch
+from ..config import MergeConfig, OutputSlice, SliceSource, evaluate, resolve_model_path
+from ..errors import BudgetError, CheckpointError, ConfigError
+from ..io.header import DTYPES, FLOAT_CODES, TensorInfo
+from ..io.reader import ModelFiles, open_model
+from ..methods import MethodSpec, get_method
+from ..methods.registry import REQUIRED, Param
+from ..options import RunOptions
+from . import budget as budget_mod
+from .ir import Plan, ShardPlan, Source, TensorPlan
+from .shards import assign_shards, shard_plans
+
+TORCH_NAME = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+CODE_OF_NAME = {v: k for k, v in TORCH_NAME.items()}
+
+
+@dataclass(frozen=True)
+class _Slice:
+    sources: tuple[SliceSource, ...]
+    definition: OutputSlice | None
+    base: str | None
+
+
+def _convert(param: Param, where: str) -> Callable[[Any], Any]:
+    def conv(v: Any) -> Any:
+        try:
+            if param.kind == "float":
+                return float(v)
+            if param.kind == "int":
+                return int(v)
+            if param.kind == "bool":
+                if isinstance(v, str):
+                    if v.lower() in ("true", "yes", "1"):
+                        return True
+                    if v.lower() in ("false", "no", "0"):
+                        return False
+                    raise ValueError(v)
+                return bool(v)
+            return v
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: parameter {param.name!r} must be a {param.kind}, got {v!r}") from None
+    return conv
+
+
+class Planner:
+    def __init__(self, config: MergeConfig, config_dir: Path | None, options: RunOptions):
+        self.config = config
+        self.config_dir = config_dir
+        self.options = options
+        self.spec: MethodSpec = get_method(config.merge_method)
+        self.model_refs: list[str] = config.referenced_models()
+        self.models: dict[str, ModelFiles] = {}
+        self.archs: dict[str, Arch] = {}
+        self.warnings: list[str] = []
+
+    # -- models -------------------------------------------------------------------------------------
+    def open_models(self) -> None:
+        problems = []
+        for ref in self.model_refs:
+            try:
+                mf = open_model(resolve_model_path(ref, self.config_dir))
+                self.models[ref] = mf
+                self.archs[ref] = infer_arch(mf)
+            except (CheckpointError, ConfigError) as e:
+                problems.append(str(e))
+        if problems:
+            raise CheckpointError("\n".join(problems))
+
+    # -- slices ------------------------------------------------------------------------------------
+    def slices(self) -> list[_Slice]:
+        cfg = self.config
+        if cfg.models is not None:
+            sources = [SliceSource(model=m.model, layer_range=(0, self.archs[m.model].num_layers), parameters=m.parameters)
+                       for m in cfg.models]
+            if cfg.base_model and all(m.model != cfg.base_model for m in cfg.models):
+                sources.append(SliceSource(model=cfg.base_model, layer_range=(0, self.archs[cfg.base_model].num_layers)))
+            return [_Slice(tuple(sources), None, cfg.base_model)]
+        out = []
+        for i, s in enumerate(cfg.slices or []):
+            lens = {src.layer_range[1] - src.layer_range[0] for src in s.sources}
+            if len(lens) > 1:
+                raise ConfigError(f"slices[{i}].sources: every source must span the same number of layers, "
+                                  f"got layer_range lengths {sorted(lens)}")
+            for j, src in enumerate(s.sources):
+                n = self.archs[src.model].num_layers
+                if src.layer_range[1] > n:
+                    raise ConfigError(f"slices[{i}].sources[{j}].layer_range: {list(src.layer_range)} is outside "
+                                      f"{src.model!r}, which has {n} layers (valid: 0 to {n})")
+            out.append(_Slice(tuple(s.sources), s, s.base_model or cfg.base_model))
+        return out
+
+    def check_contract(self, slices: list[_Slice]) -> None:
+        spec = self.spec
+        for i, sl in enumerate(slices):
+            where = "models" if self.config.models is not None else f"slices[{i}]"
+            refs = [s.model for s in sl.sources]
+            if spec.base == "required" and sl.base is None:
+                raise ConfigError(f"base_model: method {spec.name!r} needs a base model; add 'base_model: <path>'")
+            if spec.base == "required" and sl.base not in refs:
+                raise ConfigError(f"{where}: base model {sl.base!r} is not among the sources of this slice; add it")
+            n = len([r for r in refs if r != sl.base]) if spec.base != "ignored" else len(refs)
+            lo, hi = spec.min_models, spec.max_models
+            if n < lo or (hi is not None and n > hi):
+                want = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+                extra = " besides the base" if spec.base != "ignored" else ""
+                raise ConfigError(f"{where}: method {spec.name!r} takes {want} model(s){extra}, got {n}")
+
+    # -- parameters ---------------------------------------------------------------------------------
+    def _scopes(self, sl: _Slice, model: str | None) -> list[dict | None]:
+        scopes: list[dict | None] = []
+        if model is not None:
+            scopes.extend(s.parameters for s in sl.sources if s.model == model)
+        if sl.definition is not None:
+            scopes.append(sl.definition.parameters)
+        scopes.append(self.config.parameters)
+        return scopes
+
+    def _resolve(self, param: Param, scopes: list[dict | None], tensor: str, t: float, where: str) -> Any:
+        conv = _convert(param, where)
+        for scope in scopes:
+            if scope and param.name in scope:
+                try:
+                    v = evaluate(scope[param.name], tensor, t, conv)
+                except ValueError as e:
+                    raise ConfigError(f"{where}: parameter {param.name!r}: {e}") from None
+                if v is not None:
+                    if param.check is not None:
+                        msg = param.check(v)
+                        if msg:
+                            raise ConfigError(f"{where}: parameter {param.name!r} {msg} (tensor {tensor!r})")
+                    return v
+        if param.default is REQUIRED:
+            raise ConfigError(f"{where}: method {self.spec.name!r} needs parameter {param.name!r}"
+                              f" for tensor {tensor!r}; set it under 'parameters'")
+        return param.default
+
+    def check_unknown_params(self) -> None:
+        import difflib
+
+        known = {p.name for p in self.spec.params}
+        places: list[tuple[str, dict | None]] = [("parameters", self.config.parameters)]
+        for i, m in enumerate(self.config.models or []):
+            places.append((f"models[{i}].parameters", m.parameters))
+        for i, s in enumerate(self.config.slices or []):
+            places.append((f"slices[{i}].parameters", s.parameters))
+            for j, src in enumerate(s.sources):
+                places.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
+        for where, params in places:
+            for key in params or {}:
+                if key not in known:
+                    close = difflib.get_close_matches(key, sorted(known), n=2)
+                    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+                    raise ConfigError(f"{where}.{key}: method {self.spec.name!r} has no parameter {key!r}; {hint}"
+                                      f"its parameters: {', '.join(sorted(known)) or '(none)'}")
+
+    # -- tensors ------------------------------------------------------------------------------------
+    def _input(self, ref: str, name: str, out_name: str) -> TensorInfo:
+        mf, arch = self.models[ref], self.archs[ref]
+        info = mf.tensors.get(name)
+        if info is None and arch.tied and arch.kind_of(name) == "lm_head" and arch.embed_name():
+            info = mf.tensors.get(arch.embed_name())
+        if info is None:
+            raise CheckpointError(f"{mf.path}: tensor {name!r} (needed for output {out_name!r}) is missing")
+        if info.dtype not in FLOAT_CODES:
+            raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}; only bf16, fp16, fp32 "
+                                  "and fp64 tensors can be merged")
+        return info
+
+    def build(self) -> Plan:
+        self.check_unknown_params()
+        self.open_models()
+        slices = self.slices()
+        self.check_contract(slices)
+        ref_name = self.config.base_model or slices[0].sources[0].model
+        ref_arch = self.archs[ref_name]
+        entries: list[tuple[str, str, list[tuple[str, str]], _Slice, float]] = []
+        first, last = slices[0], slices[-1]
+        for name in ref_arch.pre:
+            entries.append((name, ref_arch.kind_of(name), [(s.model, name) for s in first.sources], first, 0.0))
+        out_layer = 0
+        for sl in slices:
+            n = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+            for idx in range(n):
+                t = idx / (n - 1) if n > 1 else 1.0
+                for suffix in ref_arch.layer_suffixes:
+                    out_name = ref_arch.layer_tensor(out_layer, suffix)
+                    ins = [(s.model, self.archs[s.model].layer_tensor(s.layer_range[0] + idx, suffix)) for s in sl.sources]
+                    entries.append((out_name, "layer", ins, sl, t))
+                out_layer += 1
+        for name in ref_arch.post:
+            entries.append((name, ref_arch.kind_of(name), [(s.model, name) for s in last.sources], last, 0.0))
+
+        model_index = {ref: i for i, ref in enumerate(self.model_refs)}
+        budget = self.options.budget()
+        baseline = psutil.Process().memory_info().rss
+        data_budget = budget - baseline - budget_mod.ALLOCATOR_SLACK
+        if data_budget <= 0:
+            raise BudgetError(f"--max-memory {budget / 2**30:.2f} GiB is below what the process already uses "
+                              f"({baseline / 2**30:.2f} GiB for Python and torch); raise it to at least "
+                              f"{(baseline + budget_mod.ALLOCATOR_SLACK) / 2**30 + 0.25:.2f} GiB")
+        tensors: list[TensorPlan] = []
+        peak = 0
+        for out_name, kind, ins, sl, t in entries:
+            infos = [self._input(ref, name, out_name) for ref, name in ins]
+            shapes = {i.shape for i in infos}
+            crop = None
+            if len(shapes) > 1:
+                crop = self._common_shape(out_name, kind, infos, [r for r, _ in ins])
+            shape = crop or infos[0].shape
+            compute = self._compute_dtype(infos)
+            out_dtype = CODE_OF_NAME[self.config.out_dtype] if self.config.out_dtype else compute
+            base_idx = next((j for j, (r, _) in enumerate(ins) if r == sl.base), None) if sl.base else None
+            where = out_name
+            params = tuple((p.name, self._resolve(p, self._scopes(sl, None), out_name, t, where))
+                           for p in self.spec.params if not p.per_model)
+            mparams = []
+            for j, (ref, in_name) in enumerate(ins):
+                applicable = [p for p in self.spec.params if p.per_model and (j != base_idx or p.base_too)]
+                mparams.append(tuple((p.name, self._resolve(p, self._scopes(sl, ref), in_name, t, f"{ref}: {in_name}"))
+                                     for p in applicable))
+            rows = shape[0] if len(shape) >= 2 else 1
+            row_elems = infos[0].row_elems
+            rpc = budget_mod.rows_per_chunk(out_name, rows, infos, row_elems, compute, out_dtype,
+                                            self.options.prefetch, data_budget, budget, self.options.chunk_rows)
+            peak = max(peak, budget_mod.in_flight(rpc, infos, row_elems, compute, out_dtype, self.options.prefetch))
+            numel = 1
+            for d in shape:
+                numel *= d
+            tensors.append(TensorPlan(
+                name=out_name, shape=tuple(shape), out_dtype=out_dtype, compute_dtype=compute,
+                inputs=tuple(Source(model_index[ref], info, rows if crop else None) for (ref, _), info in zip(ins, infos)),
+                base=base_idx, params=params, model_params=tuple(mparams), kind=kind,
+                passes=self.spec.passes, rows=rows, row_elems=row_elems, rows_per_chunk=rpc, shard=-1,
+                bytes_in=sum(rows * i.row_bytes for i in infos), bytes_out=numel * DTYPES[out_dtype][1],
+            ))
+            if self.spec.validate is not None:
+                msg = self.spec.validate(tensors[-1])
+                if msg:
+                    raise ConfigError(f"{out_name}: {msg}")
+        sizes = {t.name: t.bytes_out for t in tensors}
+        groups = assign_shards([(t.name, t.bytes_out) for t in tensors], self.options.out_shard_size)
+        shards = shard_plans(groups, sizes)
+        shard_of = {name: i for i, g in enumerate(groups) for name in g}
+        tensors = [_with_shard(t, shard_of[t.name]) for t in tensors]
+        out_dtype_name = TORCH_NAME[tensors[0].out_dtype] if tensors else None
+        return Plan(
+            method=self.spec.name,
+            models=tuple(self.models[r].path for r in self.model_refs),
+            tensors=tuple(tensors), shards=tuple(shards), budget=budget, baseline_rss=baseline,
+            peak_estimate=baseline + budget_mod.ALLOCATOR_SLACK + peak, seed=self.options.seed,
+            out_layers=out_layer,
+            out_config=_out_config(self.models[ref_name].config, out_layer, out_dtype_name, ref_arch),
+            reference_model=model_index[ref_name],
+            tokenizer_model=self._tokenizer_model(model_index, ref_name),
+            warnings=tuple(self.warnings),
+        )
+
+    def _compute_dtype(self, infos: list[TensorInfo]) -> str:
+        if self.config.dtype:
+            return CODE_OF_NAME[self.config.dtype]
+        dt = infos[0].torch_dtype
+        for i in infos[1:]:
+            dt = torch.promote_types(dt, i.torch_dtype)
+        return {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}[dt]
+
+    def _common_shape(self, out_name: str, kind: str, infos: list[TensorInfo], refs: list[str]) -> tuple[int, ...]:
+        """Embeddings whose vocabularies differ are cropped to the smallest (mergekit's rule); any other
+        shape difference is an error."""
+        shapes = [i.shape for i in infos]
+        if kind in ("embedding", "lm_head") and len({s[1:] for s in shapes}) == 1:
+            common = min(s[0] for s in shapes)
+            sizes = ", ".join(f"{r}: {s[0]}" for r, s in zip(refs, shapes))
+            self.warnings.append(f"{out_name}: vocabulary sizes differ ({sizes}); cropping to {common} rows")
+            return (common, *shapes[0][1:])
+        detail = "; ".join(f"{r}: {list(s)}" for r, s in zip(refs, shapes))
+        raise CheckpointError(f"tensor {out_name!r} has different shapes across models ({detail}); these models "
+                              "do not share a backbone and cannot be merged tensor by tensor")
+
+    def _tokenizer_model(self, model_index: dict[str, int], ref_name: str) -> int | None:
+        src = self.config.tokenizer_source or (self.config.tokenizer.source if self.config.tokenizer else None)
+        if src in (None, "base"):
+            return model_index[ref_name]
+        if src == "union":
+            self.warnings.append("tokenizer_source 'union' is not supported yet; copying the base model's tokenizer")
+            return model_index[ref_name]
+        if src in model_index:
+            return model_index[src]
+        raise ConfigError(f"tokenizer_source: {src!r} is not one of the models in this merge; use 'base' or a model path "
+                          "that appears under models/slices")
+
+
+def _with_shard(t: TensorPlan, shard: int) -> TensorPlan:
+    from dataclasses import replace
+
+    return replace(t, shard=shard)
+
+
+def _out_config(config: dict | None, layers: int, dtype: str | None, arch: Arch) -> dict | None:
+    if config is None:
+        return None
+    out = dict(config)
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        if key in out and isinstance(out[key], int) and arch.num_layers:
+            out[key] = layers
+    if dtype:
+        out["torch_dtype"] = dtype  # transformers < 5 reads this key
+        out["dtype"] = dtype        # transformers >= 5 reads this one
+    return out
+
+
+def build_plan(config: MergeConfig, config_path: str | os.PathLike | None, options: RunOptions) -> Plan:
+    """Validate a config against the checkpoints' headers and plan the whole merge."""
+    config_dir = Path(config_path).resolve().parent if config_path else None
+    return Planner(config, config_dir, options).build()

@@ -1,0 +1,41 @@
+"""`streammerge check`: the plan as a person reads it."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .ir import Plan
+
+
+def _fmt(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def print_plan(plan: Plan, console) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]method[/bold] {plan.method}; {len(plan.models)} model(s):")
+    for i, m in enumerate(plan.models):
+        console.print(f"  [{i}] {m}")
+    multi = sum(1 for t in plan.tensors if t.rows_per_chunk < t.rows and t.passes > 1)
+    console.print(f"[bold]tensors[/bold] {len(plan.tensors)} ({plan.out_layers} layers); passes per tensor: "
+                  f"{plan.tensors[0].passes if plan.tensors else 0}; re-read for later passes: {multi}")
+    kinds = Counter(t.out_dtype for t in plan.tensors)
+    console.print(f"[bold]bytes[/bold] in {_fmt(plan.bytes_in)}, out {_fmt(plan.bytes_out)}; output dtype(s): "
+                  + ", ".join(f"{k} x{v}" for k, v in kinds.items()))
+    table = Table(title="output shards")
+    for col in ("shard", "tensors", "size"):
+        table.add_column(col)
+    for s in plan.shards:
+        table.add_row(s.filename, str(len(s.tensors)), _fmt(s.nbytes))
+    console.print(table)
+    widest = max(plan.tensors, key=lambda t: t.row_elems, default=None)
+    console.print(f"[bold]memory[/bold] budget {_fmt(plan.budget)}; estimated peak {_fmt(plan.peak_estimate)} "
+                  f"(process baseline {_fmt(plan.baseline_rss)})"
+                  + (f"; widest row {widest.name} ({widest.row_elems} elements)" if widest else ""))
+    for w in plan.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    console.print("[green]ok[/green]: the config and the checkpoints' headers are consistent.")

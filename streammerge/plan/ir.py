@@ -1,0 +1,70 @@
+"""The plan as data: frozen, printable, and everything the executor needs, nothing it must decide."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..io.header import TensorInfo
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input of an output tensor: which model (index into Plan.models) and where its bytes are."""
+
+    model: int
+    info: TensorInfo
+    crop_rows: int | None = None   # read only the first rows (vocabulary cropped to a common size)
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: str                      # safetensors code, e.g. "BF16"
+    compute_dtype: str                  # the dtype inputs are loaded in (mergekit's `dtype`)
+    inputs: tuple[Source, ...]
+    base: int | None                    # index into `inputs`
+    params: tuple[tuple[str, Any], ...]
+    model_params: tuple[tuple[tuple[str, Any], ...], ...]
+    kind: str
+    passes: int                         # reduce passes + 1 map pass
+    rows: int
+    row_elems: int
+    rows_per_chunk: int
+    shard: int
+    bytes_in: int
+    bytes_out: int
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    filename: str
+    tensors: tuple[str, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    method: str
+    models: tuple[Path, ...]
+    tensors: tuple[TensorPlan, ...]
+    shards: tuple[ShardPlan, ...]
+    budget: int
+    baseline_rss: int
+    peak_estimate: int
+    seed: int
+    out_layers: int
+    out_config: dict | None = field(default=None, compare=False)
+    reference_model: int = 0            # index into models: config.json / tokenizer source
+    tokenizer_model: int | None = None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(t.bytes_in * t.passes if t.rows_per_chunk < t.rows else t.bytes_in for t in self.tensors)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(t.bytes_out for t in self.tensors)

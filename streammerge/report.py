@@ -1,0 +1,79 @@
+"""What a run reports: a per-shard table, the peak RSS the OS saw, and the same as JSON."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+def peak_rss_bytes() -> int:
+    """The OS's high-water mark of this process's resident set (ru_maxrss is KiB on Linux)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+@dataclass
+class ShardReport:
+    filename: str
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    skipped: bool = False
+
+    @property
+    def gbps(self) -> float:
+        return (self.bytes_read + self.bytes_written) / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+@dataclass
+class RunReport:
+    method: str
+    out_dir: str
+    seconds: float
+    peak_rss: int
+    budget: int
+    device: str
+    shards: list[ShardReport] = field(default_factory=list)
+    nonfinite_tensors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        for s, rep in zip(d["shards"], self.shards):
+            s["gb_per_s"] = round(rep.gbps, 3)
+        d["bytes_read"] = sum(s.bytes_read for s in self.shards)
+        d["bytes_written"] = sum(s.bytes_written for s in self.shards)
+        return d
+
+    def write_json(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    def print(self, console) -> None:
+        from rich.table import Table
+
+        table = Table(title=f"streammerge {self.method}: {self.out_dir}")
+        for col in ("shard", "read", "written", "seconds", "GB/s"):
+            table.add_column(col, justify="right" if col != "shard" else "left")
+        for s in self.shards:
+            table.add_row(s.filename + (" (resumed)" if s.skipped else ""), _fmt(s.bytes_read), _fmt(s.bytes_written),
+                          f"{s.seconds:.2f}", f"{s.gbps:.2f}")
+        console.print(table)
+        total_r = sum(s.bytes_read for s in self.shards)
+        total_w = sum(s.bytes_written for s in self.shards)
+        console.print(f"read {_fmt(total_r)}, wrote {_fmt(total_w)} in {self.seconds:.2f} s on {self.device}; "
+                      f"peak RSS {self.peak_rss / 2**30:.2f} GiB (budget {self.budget / 2**30:.2f} GiB)")
+        for w in self.warnings:
+            console.print(f"[yellow]warning:[/yellow] {w}")
+        if self.nonfinite_tensors:
+            console.print(f"[red]NaN or Inf in the output of {len(self.nonfinite_tensors)} tensor(s):[/red] "
+                          + ", ".join(self.nonfinite_tensors[:10]))
+
+
+def _fmt(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
