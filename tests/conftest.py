@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny seeded checkpoints made by the tests themselves, in temporary folders."""
+
+from __future__ import annotations
+
+import glob
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_second_kernels_copy():
+    """`kernels/` is installed as streammerge.kernels; a bare `import kernels` would load a second copy."""
+    yield
+    assert "kernels" not in sys.modules, "something imported the top-level 'kernels' package; use streammerge.kernels"
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> tuple[Path, list[Path]]:
+    from streammerge import synth
+
+    root = tmp_path_factory.mktemp("tiny")
+    return synth.make_family(root, synth.PRESETS["tiny"], 3, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_family_fp32(tmp_path_factory) -> tuple[Path, list[Path]]:
+    import dataclasses
+
+    from streammerge import synth
+
+    root = tmp_path_factory.mktemp("tiny32")
+    return synth.make_family(root, dataclasses.replace(synth.PRESETS["tiny"], dtype="float32"), 2, seed=2)
+
+
+def write_yaml(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def load_dir(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(glob.glob(str(Path(d) / "*.safetensors"))):
+        out.update(load_file(f))
+    return out
+
+
+def shard_bytes(d: Path) -> dict[str, bytes]:
+    return {Path(f).name: Path(f).read_bytes() for f in sorted(glob.glob(str(Path(d) / "*.safetensors")))}
+
+
+def merge(config: dict, tmp: Path, name: str = "out", **opts) -> Path:
+    """Run streammerge on a config dict; returns the output folder."""
+    from streammerge import RunOptions, run
+
+    cfg = write_yaml(tmp / f"{name}.yml", config)
+    out = tmp / name
+    run(cfg, out, RunOptions(max_memory=opts.pop("max_memory", 2 << 30), progress=False, overwrite=True, **opts))
+    return out
