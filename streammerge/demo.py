@@ -5,10 +5,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-DEMO_CONFIG = """\
-# streammerge demo: three tiny Llama-shaped experts merged onto their base.
-merge_method: {method}
-base_model: {base}
+TEMPLATES = {
+    "linear": """\
+# streammerge demo: three tiny Llama-shaped fine-tunes averaged with weights.
+merge_method: linear
 models:
   - model: {e0}
     parameters: {{weight: 0.5}}
@@ -16,12 +16,22 @@ models:
     parameters: {{weight: 0.3}}
   - model: {e2}
     parameters: {{weight: 0.2}}
-parameters:
-  t: [0.0, 0.5, 1.0]
 dtype: bfloat16
-"""
-
-DEMO_SLERP = """\
+""",
+    "task_arithmetic": """\
+# streammerge demo: three task vectors added onto their base.
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - model: {e0}
+    parameters: {{weight: 0.5}}
+  - model: {e1}
+    parameters: {{weight: [0.1, 0.5]}}
+  - model: {e2}
+    parameters: {{weight: 0.2}}
+""",
+    "slerp": """\
+# streammerge demo: spherical interpolation from the base to one fine-tune, t rising through the layers.
 merge_method: slerp
 base_model: {base}
 models:
@@ -29,7 +39,15 @@ models:
   - model: {e0}
 parameters:
   t: [0.0, 0.5, 1.0]
-"""
+""",
+    "passthrough": """\
+# streammerge demo: a frankenmerge stacking layers of two models.
+merge_method: passthrough
+slices:
+  - sources: [{{model: {base}, layer_range: [0, 3]}}]
+  - sources: [{{model: {e0}, layer_range: [1, 4]}}]
+""",
+}
 
 
 def demo(console, out: Path | None = None, method: str = "linear", progress: bool = True) -> int:
@@ -43,12 +61,11 @@ def demo(console, out: Path | None = None, method: str = "linear", progress: boo
         root.mkdir(parents=True, exist_ok=True)
         console.print(f"making tiny checkpoints in {root} ...")
         base, experts = synth.make_family(root / "inputs", synth.PRESETS["tiny"], 3, seed=0)
-        template = DEMO_SLERP if method == "slerp" else DEMO_CONFIG
-        text = template.format(method=method, base=base, e0=experts[0], e1=experts[1], e2=experts[2])
-        if method == "linear":
-            text = text.replace("parameters:\n  t: [0.0, 0.5, 1.0]\n", "")
-        elif method != "slerp":
-            text = text.replace("  t: [0.0, 0.5, 1.0]\n", "  lambda: 1.0\n")
+        template = TEMPLATES.get(method)
+        if template is None:
+            console.print(f"[red]error:[/red] the demo knows {', '.join(TEMPLATES)}; got {method!r}")
+            return 2
+        text = template.format(base=base, e0=experts[0], e1=experts[1], e2=experts[2])
         cfg = root / "demo.yml"
         cfg.write_text(text)
         console.print(f"config {cfg}:\n{text}")

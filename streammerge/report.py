@@ -10,7 +10,17 @@ from pathlib import Path
 
 
 def peak_rss_bytes() -> int:
-    """The OS's high-water mark of this process's resident set (ru_maxrss is KiB on Linux)."""
+    """The OS's high-water mark of this process's resident set.
+
+    On Linux, VmHWM of this address space; not ru_maxrss, which exec inherits from the parent's
+    address space (a merge started by a big process would report the parent's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
 

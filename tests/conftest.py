@@ -10,6 +10,11 @@ import pytest
 import torch
 import yaml
 
+# `python -m pytest` puts the repo root on sys.path, where `kernels/` would be importable as a
+# top-level package (transformers probes for one named `kernels`); streammerge.kernels is the only name.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _no_second_kernels_copy():

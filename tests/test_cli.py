@@ -1,0 +1,59 @@
+"""The command line: exit codes, mergekit-style invocation, check output, demo."""
+
+import json
+
+from conftest import load_dir, write_yaml
+from e2e.test_methods_basic import config_for
+from streammerge.cli import main
+
+
+def test_run_mergekit_style_and_report(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    cfg = write_yaml(tmp_path / "c.yml", config_for("linear", base, experts))
+    report = tmp_path / "r.json"
+    code = main([str(cfg), str(tmp_path / "out"), "--lazy-unpickle", "--allow-crimes", "--out-shard-size", "1B",
+                 "--no-progress", "--report", str(report), "--max-memory", "1GiB"])
+    assert code == 0
+    doc = json.loads(report.read_text())
+    assert doc["method"] == "linear" and doc["shards"][0]["bytes_written"] > 0 and doc["peak_rss"] > 0
+    assert load_dir(tmp_path / "out")
+    err = capsys.readouterr().err
+    assert "peak RSS" in err and "GB/s" in err
+
+
+def test_existing_output_is_refused_without_overwrite(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    cfg = write_yaml(tmp_path / "c.yml", config_for("linear", base, experts))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["run", str(cfg), str(out), "--no-progress"]) == 1
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(["run", str(cfg), str(out), "--no-progress", "--overwrite"]) == 1
+    assert "refusing to delete" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_check_exit_codes(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    good = write_yaml(tmp_path / "g.yml", config_for("linear", base, experts))
+    assert main(["check", str(good)]) == 0
+    assert "ok" in capsys.readouterr().err
+    bad = write_yaml(tmp_path / "b.yml", {"merge_method": "lineer", "models": [{"model": str(base)}]})
+    assert main(["check", str(bad)]) == 1
+    assert "did you mean 'linear'" in capsys.readouterr().err
+    assert main(["check"]) == 2
+
+
+def test_output_inside_an_input_is_refused(tiny_family, tmp_path, capsys):
+    base, experts = tiny_family
+    cfg = write_yaml(tmp_path / "c.yml", config_for("linear", base, experts))
+    assert main(["run", str(cfg), str(experts[0] / "merged"), "--no-progress"]) == 1
+    assert "overlaps input model" in capsys.readouterr().err
+    assert not (experts[0] / "merged").exists()
+
+
+def test_demo_runs(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    assert (tmp_path / "demo" / "merged" / "config.json").exists()
+    assert "merged model" in capsys.readouterr().err
