@@ -25,6 +25,7 @@ from .methods import TensorJob, get_method
 from .plan.ir import Plan, TensorPlan
 
 _DONE = object()
+BLOCK_ELEMS = 1 << 17  # elementwise maps run on flat blocks this size: temporaries stay in cache (measured best)
 
 
 @dataclass
@@ -56,6 +57,15 @@ class ExecResult:
     shards: list[ShardStats]
     nonfinite: list[str] = field(default_factory=list)
     device: str = "cpu"
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """A sum is finite when every element is (one fast pass); only an overflowing sum needs the exact check."""
+    if not x.is_floating_point() or x.numel() == 0:
+        return True
+    if bool(torch.isfinite(x.sum())):
+        return True
+    return bool(torch.isfinite(x).all())
 
 
 def make_job(plan: Plan, t: TensorPlan) -> TensorJob:
@@ -102,9 +112,12 @@ class Executor:
         self.stop = threading.Event()
         slot = max((sum(_aligned(t.rows_per_chunk * s.info.row_bytes) for s in t.inputs) for t in plan.tensors), default=1)
         self.pool = _Pool(self.prefetch + 1, slot)
+        out_slot = max((t.rows_per_chunk * t.row_elems * DTYPES[t.out_dtype][1] for t in plan.tensors), default=1)
+        self.out_pool = _Pool(self.prefetch + 2, out_slot)
         self.bands: queue.Queue = queue.Queue(maxsize=self.prefetch)
         self.writes: queue.Queue = queue.Queue(maxsize=self.prefetch + 1)
         self.nonfinite: list[str] = []
+        self.workers = None
 
     # -- reader ---------------------------------------------------------------------------------------
     def _read_all(self) -> None:
@@ -165,13 +178,15 @@ class Executor:
                 item = self.writes.get()
                 if item is _DONE:
                     break
-                shard, name, offset, data = item
+                shard, name, offset, data, out_slot = item
                 w = writers.get(shard)
                 if w is None:
                     sp = self.plan.shards[shard]
                     outs = [OutTensor(n, tensors[n].out_dtype, tensors[n].shape) for n in sp.tensors]
                     w = writers[shard] = ShardWriter(self.out_dir / sp.filename, outs, {"format": "pt"})
                 n = w.write(name, offset, data)
+                if out_slot is not None:
+                    self.out_pool.free.put(out_slot)
                 self.stats[shard].bytes_written += n
                 remaining[shard] -= n
                 if remaining[shard] == 0:
@@ -191,6 +206,12 @@ class Executor:
         for i, sp in enumerate(self.plan.shards):
             if sp.nbytes == 0 and i not in self.skip:
                 ShardWriter(self.out_dir / sp.filename, [], {"format": "pt"}).commit()
+        threads = torch.get_num_threads()
+        if self.spec.elementwise and self.device.type == "cpu" and threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.workers = ThreadPoolExecutor(threads, thread_name_prefix="streammerge-compute")
+            torch.set_num_threads(1)
         reader = threading.Thread(target=self._read_all, name="streammerge-reader", daemon=True)
         writer = threading.Thread(target=self._write_all, name="streammerge-writer", daemon=True)
         reader.start()
@@ -205,6 +226,9 @@ class Executor:
             writer.join()
             self.stop.set()
             reader.join()
+            if self.workers is not None:
+                self.workers.shutdown()
+                torch.set_num_threads(threads)
         if self.error is not None:
             raise self.error
         return ExecResult(self.stats, self.nonfinite, str(self.device))
@@ -229,46 +253,82 @@ class Executor:
                 if not self.stats[t.shard].started:
                     self.stats[t.shard].started = time.perf_counter()
             self.stats[t.shard].bytes_read += band.nbytes
-            chunks = [c.to(self.device, job.compute_dtype) for c in band.chunks]
-            if self.device.type == "cpu" and all(c.data_ptr() != o.data_ptr() for c, o in zip(chunks, band.chunks)):
-                self.pool.free.put(band.slot)
-                released = True
-            else:
-                released = False
-            try:
-                for p in band.passes:
-                    if p < n_reduce:
-                        red = spec.reduces[p]
-                        if band.r0 == 0:
-                            states[band.tensor] = red.init(job)
-                        red.update(states[band.tensor], job, chunks, band.r0)
-                        if band.r1 == t.rows:
-                            stats[band.tensor].append(red.finish(states.pop(band.tensor), job))
-                    else:
-                        out = spec.map(job, chunks, stats[band.tensor], band.r0)
-                        if not released and out.untyped_storage().data_ptr() == \
-                                self.pool.buffers[band.slot].untyped_storage().data_ptr():
-                            out = out.clone()  # the slot is reused as soon as this band is done
-                        self._emit(t, band, out)
-            finally:
-                if not released:
+            map_only = band.passes == (n_reduce,)
+            if map_only and spec.elementwise and self.device.type == "cpu":
+                try:
+                    self._map_blocked(t, job, band, stats[band.tensor])
+                finally:
                     self.pool.free.put(band.slot)
+            else:
+                self._run_band(t, job, band, states, stats)
             self.on_progress(band.nbytes)
             if band.r1 == t.rows and band.passes[-1] == t.passes - 1:
                 jobs.pop(band.tensor, None)
                 stats.pop(band.tensor, None)
 
-    def _emit(self, t: TensorPlan, band: Band, out: torch.Tensor) -> None:
+    def _run_band(self, t: TensorPlan, job: TensorJob, band: Band, states: dict, stats: dict) -> None:
+        spec = self.spec
+        n_reduce = len(spec.reduces)
+        chunks = [c.to(self.device, job.compute_dtype) for c in band.chunks]
+        try:
+            for p in band.passes:
+                if p < n_reduce:
+                    red = spec.reduces[p]
+                    if band.r0 == 0:
+                        states[band.tensor] = red.init(job)
+                    red.update(states[band.tensor], job, chunks, band.r0)
+                    if band.r1 == t.rows:
+                        stats[band.tensor].append(red.finish(states.pop(band.tensor), job))
+                    continue
+                if spec.elementwise:
+                    flat = [c.reshape(-1) for c in chunks]
+                    out = spec.map(job, flat, stats[band.tensor], band.r0 * t.row_elems)
+                    out = out.reshape((band.r1 - band.r0, *t.shape[1:]) if len(t.shape) >= 2 else t.shape)
+                else:
+                    out = spec.map(job, chunks, stats[band.tensor], band.r0)
+                if out.untyped_storage().data_ptr() == self.pool.buffers[band.slot].untyped_storage().data_ptr():
+                    out = out.clone()  # the slot is reused as soon as this band is done
+                self._emit(t, band, out)
+        finally:
+            self.pool.free.put(band.slot)
+
+    def _map_blocked(self, t: TensorPlan, job: TensorJob, band: Band, stats: list) -> None:
+        """Elementwise map over flat L2-sized blocks; the method sees each block as a 1-D chunk whose
+        first element is element `start` of the flattened tensor. Blocks are shared out to the worker
+        threads (torch ops release the GIL), each running torch single-threaded: no OpenMP barrier per
+        small op, which collapses throughput whenever the cores are shared."""
+        n = (band.r1 - band.r0) * t.row_elems
+        start = band.r0 * t.row_elems
+        flat = [c.reshape(-1) for c in band.chunks]
+        out_slot = self.out_pool.free.get()
+        itemsize = DTYPES[t.out_dtype][1]
+        out = self.out_pool.buffers[out_slot][: n * itemsize].view(DTYPES[t.out_dtype][0])
+        spans = [(s, min(n, s + BLOCK_ELEMS)) for s in range(0, n, BLOCK_ELEMS)]
+
+        def work(lo: int, hi: int) -> None:
+            for s, e in spans[lo:hi]:
+                blk = [f[s:e].to(job.compute_dtype) for f in flat]
+                out[s:e].copy_(self.spec.map(job, blk, stats, start + s))
+
+        if self.workers is None or len(spans) < 2:
+            work(0, len(spans))
+        else:
+            k = self.workers._max_workers
+            step = -(-len(spans) // k)
+            for f in [self.workers.submit(work, i, min(i + step, len(spans))) for i in range(0, len(spans), step)]:
+                f.result()
+        self._emit(t, band, out.reshape((band.r1 - band.r0, *t.shape[1:]) if len(t.shape) >= 2 else t.shape), out_slot)
+
+    def _emit(self, t: TensorPlan, band: Band, out: torch.Tensor, out_slot: int | None = None) -> None:
         dtype = DTYPES[t.out_dtype][0]
         expect = (band.r1 - band.r0, *t.shape[1:]) if len(t.shape) >= 2 else t.shape
         if tuple(out.shape) != tuple(expect):
             raise StreammergeError(f"internal: method {self.spec.name!r} produced shape {tuple(out.shape)} for rows "
                                    f"{band.r0}:{band.r1} of {t.name!r}, expected {expect}")
         out = out.to(dtype)
-        if self.check_nonfinite and out.is_floating_point() and not bool(torch.isfinite(out).all()):
-            if t.name not in self.nonfinite:
-                self.nonfinite.append(t.name)
+        if self.check_nonfinite and t.name not in self.nonfinite and not _all_finite(out):
+            self.nonfinite.append(t.name)
         if out.device.type != "cpu":
             out = out.cpu()
         offset = band.r0 * t.row_elems * DTYPES[t.out_dtype][1]
-        self._put(self.writes, (t.shard, t.name, offset, out.contiguous()))
+        self._put(self.writes, (t.shard, t.name, offset, out.contiguous(), out_slot))

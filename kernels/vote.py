@@ -1,0 +1,165 @@
+"""Sign consensus and masked mixing of task vectors, as mergekit 0.1.5's task arithmetic family.
+
+The rule, per element, with deltas ``d[k]`` (``[K, ...]``, in the work dtype) and weights ``w[k]``:
+
+1. ``d[k] = d[k] * mask[k]`` (sparsification), then ``* scale[k]`` (mergekit's L1 ``rescale``), then
+   ``* w[k]``: each product rounded in the work dtype, weights first cast to it.
+2. Consensus on the *weighted* deltas (a negative weight flips a vote):
+   ``sum``: majority = +1 where ``sum_k w d >= 0`` else -1 (a zero sum counts +1, NaN counts -1);
+   ``count``: the same on ``sum_k sign(w d)``.  A delta agrees when its sign equals the majority,
+   so a zero (or NaN) delta never agrees.
+3. With consensus: ``mixed = sum_k w d [agree]``, ``divisor = sum_k w [agree]``; a zero divisor
+   becomes 1.  Without: ``mixed = sum_k w d``, ``divisor = sum_k w`` (the sparsification mask is
+   *not* in it); ``|divisor| < 1e-8`` becomes 1.
+4. ``mixed /= divisor`` only when normalizing; then ``mixed *= lam`` when ``lam != 1``.  The caller
+   finishes with ``(base + mixed).to(base.dtype)``.
+
+Sums over models run in a fixed order, k = 0, 1, ..., from zero, accumulating bf16/fp16 in fp32 and
+rounding once, which is what torch's CPU ``sum(dim=0)`` does for up to 16 models (mergekit's call).
+Writing the loop ourselves keeps every element's result independent of the chunk's shape: torch
+switches to a different reduction order when the reduced rows are contiguous (a one-column chunk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+__all__ = ["agree_mask", "mix", "sign_consensus", "sum_models"]
+
+Consensus = Literal["sum", "count"]
+_NO_CONSENSUS_EPS = 1e-8  # mergekit's guard on the weight sum without consensus
+_BAND = 1 << 16  # elements per model per band: keeps the ~10 temporaries of a band in cache
+
+
+def sum_models(x: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 in model order, from zero; reduced floats accumulate in fp32, round once."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        acc_dtype = torch.float32
+    elif x.dtype == torch.bool or not x.dtype.is_floating_point:
+        acc_dtype = torch.int64
+    else:
+        acc_dtype = x.dtype
+    acc = torch.zeros(x.shape[1:], dtype=acc_dtype, device=x.device)
+    for k in range(x.shape[0]):
+        acc += x[k]
+    return acc if acc_dtype == torch.int64 else acc.to(x.dtype)
+
+
+def sign_consensus(weighted_deltas: torch.Tensor, method: Consensus = "sum") -> torch.Tensor:
+    """Majority sign per element as int8 +1/-1 over dim 0 of ``[K, ...]`` weighted deltas.
+
+    ``sum``: sign of the sum of the weighted deltas; ``count``: sign of the sum of their signs.
+    Zero counts as +1 in both (mergekit's ``>= 0``).
+    """
+    if method == "sum":
+        total = sum_models(weighted_deltas)
+    elif method == "count":
+        # Float signs, as mergekit sums them: exact small integers, and a NaN vote stays NaN.
+        total = sum_models(weighted_deltas.sign())
+    else:
+        raise ValueError(f"consensus method must be 'sum' or 'count', got {method!r}")
+    return torch.where(total >= 0, 1, -1).to(torch.int8)
+
+
+def agree_mask(deltas: torch.Tensor, majority: torch.Tensor) -> torch.Tensor:
+    """Bool ``[K, ...]``: delta k agrees where its sign equals the majority; zero never agrees."""
+    return deltas.sign() == majority
+
+
+def mix(
+    deltas: torch.Tensor,
+    weights: torch.Tensor | Sequence[float],
+    mask: torch.Tensor | None = None,
+    *,
+    scale: torch.Tensor | Sequence[float] | None = None,
+    consensus: Consensus | None = None,
+    normalize: bool = False,
+    lam: float = 1.0,
+) -> torch.Tensor:
+    """Merged delta of ``[K, ...]`` deltas by the module's rule, in the deltas' dtype.
+
+    ``weights``, ``scale`` (per-model factor applied after the mask) and ``mask`` have dim 0 over
+    models and broadcast against ``deltas`` once trailing singleton dims are added, as mergekit
+    unsqueezes its weights.  The work runs in cache-sized bands of dim 1; every step is
+    elementwise across the other dims, so banding never changes a bit.
+    """
+    if consensus not in (None, "sum", "count"):
+        raise ValueError(f"consensus must be None, 'sum' or 'count', got {consensus!r}")
+    if deltas.dim() < 1 or deltas.shape[0] == 0:
+        raise ValueError(f"deltas need a non-empty model dim 0, got shape {tuple(deltas.shape)}")
+    w = _per_model(weights, deltas, deltas.dtype)
+    s = None if scale is None else _per_model(scale, deltas, deltas.dtype)
+    m = None if mask is None else _per_model(mask, deltas, torch.bool)
+    out = torch.empty(deltas.shape[1:], dtype=deltas.dtype, device=deltas.device)
+    if deltas.dim() == 1:  # one scalar per model
+        out.copy_(_mix_band(deltas, w, m, s, consensus, normalize, lam))
+        return out
+    row = max(1, deltas[0, 0].numel())
+    step = max(1, _BAND // row)
+    for lo in range(0, deltas.shape[1], step):
+        band = [_band(t, lo, step) for t in (deltas, w, m, s)]
+        out[lo : lo + step] = _mix_band(*band, consensus, normalize, lam)
+    return out
+
+
+def _mix_band(
+    d: torch.Tensor,
+    w: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    consensus: Consensus | None,
+    normalize: bool,
+    lam: float,
+) -> torch.Tensor:
+    one = torch.ones((), dtype=d.dtype, device=d.device)
+    if mask is not None:
+        d = d * mask
+    if scale is not None:
+        d = d * scale
+    d = d * w
+    if consensus is not None:
+        agree = agree_mask(d, sign_consensus(d, consensus))
+        mixed = sum_models(d * agree)
+        divisor = sum_models(w * agree)
+        divisor = torch.where(divisor == 0, one, divisor)
+    else:
+        mixed = sum_models(d)
+        divisor = sum_models(w)
+        divisor = torch.where(divisor.abs() < _NO_CONSENSUS_EPS, one, divisor)
+    if normalize:
+        mixed = mixed / divisor
+    if lam != 1:
+        mixed = mixed * lam
+    return mixed
+
+
+def _band(t: torch.Tensor | None, lo: int, step: int) -> torch.Tensor | None:
+    if t is None or t.shape[1] == 1:
+        return t
+    return t[:, lo : lo + step]
+
+
+def _per_model(
+    value: torch.Tensor | Sequence[float], deltas: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``value`` in ``dtype``, dim 0 over models, unsqueezed on the right to ``deltas.dim()``."""
+    if isinstance(value, torch.Tensor):
+        t = value.to(device=deltas.device, dtype=dtype)
+    else:
+        t = torch.tensor(list(value), dtype=dtype, device=deltas.device)
+    if t.dim() == 0 or t.dim() > deltas.dim() or t.shape[0] not in (1, deltas.shape[0]):
+        raise ValueError(
+            f"per-model values need dim 0 of size {deltas.shape[0]} (one per model) and at most "
+            f"{deltas.dim()} dims, got shape {tuple(t.shape)}"
+        )
+    while t.dim() < deltas.dim():
+        t = t.unsqueeze(-1)
+    # A plain check: torch.broadcast_shapes imports torch._refs (and sympy) on first use, ~1 s.
+    if any(a not in (1, b) for a, b in zip(t.shape, deltas.shape)):
+        raise ValueError(
+            f"shape {tuple(t.shape)} does not broadcast to deltas {tuple(deltas.shape)}"
+        )
+    return t
