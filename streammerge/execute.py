@@ -25,7 +25,7 @@ from .methods import TensorJob, get_method
 from .plan.ir import Plan, TensorPlan
 
 _DONE = object()
-BLOCK_ELEMS = 1 << 17  # elementwise maps run on flat blocks this size: temporaries stay in cache (measured best)
+BLOCK_ELEMS = 1 << 17  # maps and reduces run on row-aligned blocks of about this size: temporaries stay in cache
 
 
 @dataclass
@@ -66,14 +66,6 @@ def _all_finite(x: torch.Tensor) -> bool:
     if bool(torch.isfinite(x.sum())):
         return True
     return bool(torch.isfinite(x).all())
-
-
-def make_job(plan: Plan, t: TensorPlan) -> TensorJob:
-    return TensorJob(
-        name=t.name, shape=t.shape, rows=t.rows, compute_dtype=DTYPES[t.compute_dtype][0], base=t.base,
-        params=dict(t.params), model_params=tuple(dict(m) for m in t.model_params),
-        model_ids=tuple(s.model for s in t.inputs), seed=plan.seed, kind=t.kind, row_elems=t.row_elems,
-    )
 
 
 class _Pool:
@@ -207,7 +199,7 @@ class Executor:
             if sp.nbytes == 0 and i not in self.skip:
                 ShardWriter(self.out_dir / sp.filename, [], {"format": "pt"}).commit()
         threads = torch.get_num_threads()
-        if self.spec.elementwise and self.device.type == "cpu" and threads > 1:
+        if self.spec.row_local and self.device.type == "cpu" and threads > 1:
             from concurrent.futures import ThreadPoolExecutor
 
             self.workers = ThreadPoolExecutor(threads, thread_name_prefix="streammerge-compute")
@@ -234,9 +226,7 @@ class Executor:
         return ExecResult(self.stats, self.nonfinite, str(self.device))
 
     def _compute_loop(self) -> None:
-        spec = self.spec
-        n_reduce = len(spec.reduces)
-        jobs: dict[int, TensorJob] = {}
+        jobs: dict[int, tuple[TensorJob, tuple]] = {}
         states: dict[int, object] = {}
         stats: dict[int, list] = {}
         while True:
@@ -246,85 +236,94 @@ class Executor:
             if self.error is not None:
                 raise self.error
             t = self.plan.tensors[band.tensor]
-            job = jobs.get(band.tensor)
-            if job is None:
-                job = jobs[band.tensor] = make_job(self.plan, t)
+            if band.tensor not in jobs:
+                job = TensorJob.from_plan(t, self.plan.seed)
+                jobs[band.tensor] = (job, self.spec.reduces_for(job))
                 stats[band.tensor] = []
                 if not self.stats[t.shard].started:
                     self.stats[t.shard].started = time.perf_counter()
+            job, reduces = jobs[band.tensor]
             self.stats[t.shard].bytes_read += band.nbytes
-            map_only = band.passes == (n_reduce,)
-            if map_only and spec.elementwise and self.device.type == "cpu":
-                try:
-                    self._map_blocked(t, job, band, stats[band.tensor])
-                finally:
-                    self.pool.free.put(band.slot)
-            else:
-                self._run_band(t, job, band, states, stats)
+            try:
+                self._run_band(t, job, reduces, band, states, stats[band.tensor])
+            finally:
+                self.pool.free.put(band.slot)
             self.on_progress(band.nbytes)
             if band.r1 == t.rows and band.passes[-1] == t.passes - 1:
                 jobs.pop(band.tensor, None)
                 stats.pop(band.tensor, None)
 
-    def _run_band(self, t: TensorPlan, job: TensorJob, band: Band, states: dict, stats: dict) -> None:
-        spec = self.spec
-        n_reduce = len(spec.reduces)
-        chunks = [c.to(self.device, job.compute_dtype) for c in band.chunks]
-        try:
-            for p in band.passes:
-                if p < n_reduce:
-                    red = spec.reduces[p]
-                    if band.r0 == 0:
-                        states[band.tensor] = red.init(job)
-                    red.update(states[band.tensor], job, chunks, band.r0)
-                    if band.r1 == t.rows:
-                        stats[band.tensor].append(red.finish(states.pop(band.tensor), job))
-                    continue
-                if spec.elementwise:
-                    flat = [c.reshape(-1) for c in chunks]
-                    out = spec.map(job, flat, stats[band.tensor], band.r0 * t.row_elems)
-                    out = out.reshape((band.r1 - band.r0, *t.shape[1:]) if len(t.shape) >= 2 else t.shape)
+    def _blocks(self, t: TensorPlan, band: Band) -> list[tuple[int, int]]:
+        """Row-aligned sub-bands of about BLOCK_ELEMS elements, relative to the band."""
+        step = max(1, BLOCK_ELEMS // max(t.row_elems, 1)) if len(t.shape) >= 2 else band.r1 - band.r0
+        return [(a, min(band.r1 - band.r0, a + step)) for a in range(0, band.r1 - band.r0, step)]
+
+    def _parallel(self, fn, parts: list) -> list:
+        if self.workers is None or len(parts) < 2:
+            return [fn(*p) for p in parts]
+        k = self.workers._max_workers
+        step = -(-len(parts) // k)
+        futures = [self.workers.submit(lambda grp: [fn(*p) for p in grp], parts[i:i + step])
+                   for i in range(0, len(parts), step)]
+        return [r for f in futures for r in f.result()]
+
+    def _run_band(self, t: TensorPlan, job: TensorJob, reduces: tuple, band: Band, states: dict, stats: list) -> None:
+        cpu = self.device.type == "cpu"
+        blocked = cpu and self.spec.row_local
+        blocks = self._blocks(t, band) if blocked else [(0, band.r1 - band.r0)]
+        whole = [c.to(self.device, job.compute_dtype) for c in band.chunks] if not blocked else None
+
+        def chunks_of(a: int, b: int) -> list[torch.Tensor]:
+            if whole is not None:
+                return [c[a:b] if c.dim() >= 2 and len(t.shape) >= 2 else c for c in whole]
+            return [(c[a:b] if len(t.shape) >= 2 else c).to(job.compute_dtype) for c in band.chunks]
+
+        for p in band.passes:
+            if p < len(reduces):
+                red = reduces[p]
+                if band.r0 == 0:
+                    states[band.tensor] = red.init(job)
+                state = states[band.tensor]
+                if red.merge is not None and len(blocks) > 1:
+                    def part(a: int, b: int):
+                        st = red.init(job)
+                        red.update(st, job, chunks_of(a, b), band.r0 + a)
+                        return st
+                    for st in self._parallel(part, blocks):
+                        red.merge(state, st)
                 else:
-                    out = spec.map(job, chunks, stats[band.tensor], band.r0)
-                if out.untyped_storage().data_ptr() == self.pool.buffers[band.slot].untyped_storage().data_ptr():
-                    out = out.clone()  # the slot is reused as soon as this band is done
-                self._emit(t, band, out)
-        finally:
-            self.pool.free.put(band.slot)
+                    for a, b in blocks:
+                        red.update(state, job, chunks_of(a, b), band.r0 + a)
+                if band.r1 == t.rows:
+                    stats.append(red.finish(states.pop(band.tensor), job, stats))
+                continue
+            self._map(t, job, band, blocks, chunks_of, stats)
 
-    def _map_blocked(self, t: TensorPlan, job: TensorJob, band: Band, stats: list) -> None:
-        """Elementwise map over flat L2-sized blocks; the method sees each block as a 1-D chunk whose
-        first element is element `start` of the flattened tensor. Blocks are shared out to the worker
-        threads (torch ops release the GIL), each running torch single-threaded: no OpenMP barrier per
-        small op, which collapses throughput whenever the cores are shared."""
-        n = (band.r1 - band.r0) * t.row_elems
-        start = band.r0 * t.row_elems
-        flat = [c.reshape(-1) for c in band.chunks]
+    def _map(self, t: TensorPlan, job: TensorJob, band: Band, blocks, chunks_of, stats: list) -> None:
+        rows = band.r1 - band.r0
+        shape = (rows, *t.shape[1:]) if len(t.shape) >= 2 else t.shape
         out_slot = self.out_pool.free.get()
-        itemsize = DTYPES[t.out_dtype][1]
-        out = self.out_pool.buffers[out_slot][: n * itemsize].view(DTYPES[t.out_dtype][0])
-        spans = [(s, min(n, s + BLOCK_ELEMS)) for s in range(0, n, BLOCK_ELEMS)]
+        dtype = DTYPES[t.out_dtype][0]
+        n = rows * t.row_elems if len(t.shape) >= 2 else t.row_elems
+        out = self.out_pool.buffers[out_slot][: n * DTYPES[t.out_dtype][1]].view(dtype).reshape(shape)
 
-        def work(lo: int, hi: int) -> None:
-            for s, e in spans[lo:hi]:
-                blk = [f[s:e].to(job.compute_dtype) for f in flat]
-                out[s:e].copy_(self.spec.map(job, blk, stats, start + s))
+        def work(a: int, b: int) -> None:
+            res = self.spec.map(job, chunks_of(a, b), stats, band.r0 + a)
+            expect = (b - a, *t.shape[1:]) if len(t.shape) >= 2 else t.shape
+            if tuple(res.shape) != tuple(expect):
+                raise StreammergeError(f"internal: method {self.spec.name!r} produced shape {tuple(res.shape)} for "
+                                       f"rows {band.r0 + a}:{band.r0 + b} of {t.name!r}, expected {expect}")
+            (out[a:b] if len(t.shape) >= 2 else out).copy_(res)
 
-        if self.workers is None or len(spans) < 2:
-            work(0, len(spans))
-        else:
-            k = self.workers._max_workers
-            step = -(-len(spans) // k)
-            for f in [self.workers.submit(work, i, min(i + step, len(spans))) for i in range(0, len(spans), step)]:
-                f.result()
-        self._emit(t, band, out.reshape((band.r1 - band.r0, *t.shape[1:]) if len(t.shape) >= 2 else t.shape), out_slot)
+        try:
+            self._parallel(work, blocks)
+        except BaseException:
+            self.out_pool.free.put(out_slot)
+            raise
+        self._emit(t, band, out, out_slot)
 
     def _emit(self, t: TensorPlan, band: Band, out: torch.Tensor, out_slot: int | None = None) -> None:
         dtype = DTYPES[t.out_dtype][0]
-        expect = (band.r1 - band.r0, *t.shape[1:]) if len(t.shape) >= 2 else t.shape
-        if tuple(out.shape) != tuple(expect):
-            raise StreammergeError(f"internal: method {self.spec.name!r} produced shape {tuple(out.shape)} for rows "
-                                   f"{band.r0}:{band.r1} of {t.name!r}, expected {expect}")
         out = out.to(dtype)
         if self.check_nonfinite and t.name not in self.nonfinite and not _all_finite(out):
             self.nonfinite.append(t.name)

@@ -107,7 +107,12 @@ def _slerp_update(state: dict[str, list[float]], job: TensorJob, chunks: list[to
     state["ab"].extend((a * b).sum(dim=1).tolist())
 
 
-def _slerp_finish(state: dict[str, list[float]], job: TensorJob) -> tuple[torch.Tensor, torch.Tensor]:
+def _slerp_merge(into: dict[str, list[float]], other: dict[str, list[float]]) -> None:
+    for key in into:
+        into[key].extend(other[key])
+
+
+def _slerp_finish(state: dict[str, list[float]], job: TensorJob, stats: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """The two interpolation coefficients, computed in fp32 as mergekit does from the statistics."""
     dt = torch.float64 if job.compute_dtype == torch.float64 else torch.float32
     eps, threshold = 1e-8, 0.9995
@@ -135,7 +140,7 @@ def _slerp_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any],
 SLERP = MethodSpec(
     name="slerp",
     map=_slerp_map,
-    reduces=(Reduce(_slerp_init, _slerp_update, _slerp_finish),),
+    reduces=(Reduce(_slerp_init, _slerp_update, _slerp_finish, _slerp_merge),),
     params=(Param("t", check=in_range(None, None), doc="interpolation position: 0 = base, 1 = the other model"),),
     base="required",
     min_models=1,

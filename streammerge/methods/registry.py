@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
 import torch
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..plan.ir import TensorPlan
 
 REQUIRED = object()
 
@@ -47,15 +50,33 @@ class TensorJob:
     kind: str = "other"                   # "embedding", "lm_head", "layer", "other"
     row_elems: int = 1
 
+    @classmethod
+    def from_plan(cls, t: "TensorPlan", seed: int) -> "TensorJob":
+        from ..io.header import DTYPES
+
+        return cls(name=t.name, shape=t.shape, rows=t.rows, compute_dtype=DTYPES[t.compute_dtype][0], base=t.base,
+                   params=dict(t.params), model_params=tuple(dict(m) for m in t.model_params),
+                   model_ids=tuple(s.model for s in t.inputs), seed=seed, kind=t.kind, row_elems=t.row_elems)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
 
 @dataclass(frozen=True)
 class Reduce:
-    """One reduce pass: `init` makes a state, `update` folds a row band into it (bands arrive in row
-    order, `row0` is the first row of the band), `finish` turns it into a small statistic."""
+    """One reduce pass: `init` makes a state, `update` folds a row band into it, `finish` turns it into
+    a small statistic (`stats[i]` of later passes). Bands arrive in row order (`row0` is the band's
+    first row) unless `merge` is given: then the executor may fold sub-bands into fresh states on
+    several threads and `merge(into, other)` them in row order, which must give the same result."""
 
     init: Callable[[TensorJob], Any]
     update: Callable[[Any, TensorJob, list[torch.Tensor], int], None]
-    finish: Callable[[Any, TensorJob], Any]
+    finish: Callable[[Any, TensorJob, Sequence[Any]], Any]
+    merge: Callable[[Any, Any], None] | None = None
 
 
 MapFn = Callable[[TensorJob, list[torch.Tensor], Sequence[Any], int], torch.Tensor]
@@ -73,12 +94,11 @@ class MethodSpec:
     description: str = ""
     paper: str = ""
     validate: Callable[[TensorJob], str | None] | None = None
-    uses_base_as_input: bool = True       # the base tensor is an input of the map (task vectors)
-    elementwise: bool = True              # output row band depends only on the same input rows
+    reduce_plan: Callable[[TensorJob], tuple[Reduce, ...]] | None = None  # reduces that depend on the tensor
+    row_local: bool = True                # output rows depend only on the same input rows (+ stats)
 
-    @property
-    def passes(self) -> int:
-        return len(self.reduces) + 1
+    def reduces_for(self, job: TensorJob) -> tuple[Reduce, ...]:
+        return self.reduce_plan(job) if self.reduce_plan is not None else self.reduces
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

@@ -22,7 +22,9 @@ from ..config import MergeConfig, OutputSlice, SliceSource, evaluate, resolve_mo
 from ..errors import BudgetError, CheckpointError, ConfigError
 from ..io.header import DTYPES, FLOAT_CODES, TensorInfo
 from ..io.reader import ModelFiles, open_model
-from ..methods import MethodSpec, get_method
+from dataclasses import replace
+
+from ..methods import MethodSpec, TensorJob, get_method
 from ..methods.registry import REQUIRED, Param
 from ..options import RunOptions
 from . import budget as budget_mod
@@ -249,11 +251,13 @@ class Planner:
                 name=out_name, shape=tuple(shape), out_dtype=out_dtype, compute_dtype=compute,
                 inputs=tuple(Source(model_index[ref], info, rows if crop else None) for (ref, _), info in zip(ins, infos)),
                 base=base_idx, params=params, model_params=tuple(mparams), kind=kind,
-                passes=self.spec.passes, rows=rows, row_elems=row_elems, rows_per_chunk=rpc, shard=-1,
+                passes=1, rows=rows, row_elems=row_elems, rows_per_chunk=rpc, shard=-1,
                 bytes_in=sum(rows * i.row_bytes for i in infos), bytes_out=numel * DTYPES[out_dtype][1],
             ))
+            job = TensorJob.from_plan(tensors[-1], self.options.seed)
+            tensors[-1] = replace(tensors[-1], passes=len(self.spec.reduces_for(job)) + 1)
             if self.spec.validate is not None:
-                msg = self.spec.validate(tensors[-1])
+                msg = self.spec.validate(job)
                 if msg:
                     raise ConfigError(f"{out_name}: {msg}")
         sizes = {t.name: t.bytes_out for t in tensors}
