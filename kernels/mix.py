@@ -1,4 +1,4 @@
-"""Per-chunk mixing primitives (torch; CPU and CUDA).
+"""Weighted sums of whole models (linear merging); task-vector mixing lives in vote.py.
 
 Each is elementwise along the chunk, so the same call on any row band gives the same bytes as on the
 whole tensor. The order of operations follows mergekit 0.1.5 so results match it bit for bit.
@@ -30,34 +30,3 @@ def weighted_sum(chunks: Sequence[torch.Tensor], weights: Sequence[float], norma
     if normalize:
         out.div_(total.to(first.device))
     return out.to(first.dtype)
-
-
-def task_vector_sum(base: torch.Tensor, others: Sequence[torch.Tensor], weights: Sequence[float],
-                    normalize: bool, lam: float, mask: torch.Tensor | None = None,
-                    deltas: torch.Tensor | None = None) -> torch.Tensor:
-    """base + λ · Σ_k w_k δ_k m_k (÷ Σ_k w_k m_k when normalizing), in the base's dtype.
-
-    `deltas` may be given already formed (sparsified) as a [K, ...] tensor; otherwise δ_k = x_k − base.
-    `mask` (from a sign consensus) selects which deltas take part, per element.
-    """
-    if deltas is None:
-        deltas = base.new_empty((len(others), *base.shape))
-        for i, x in enumerate(others):
-            torch.sub(x, base, out=deltas[i])
-    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device)
-    while deltas.dim() > w.dim():
-        w.unsqueeze_(-1)
-    deltas.mul_(w)
-    if mask is not None:
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed /= divisor
-    if lam != 1:
-        mixed *= lam
-    return (base + mixed).to(base.dtype)

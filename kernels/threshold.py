@@ -194,6 +194,26 @@ class KthMagnitude:
         self._seen = 0
         self._pass += 1
 
+    def spawn(self) -> "KthMagnitude":
+        """An empty finder at the same pass: workers count into their own, then `absorb` in any order."""
+        twin = object.__new__(KthMagnitude)
+        twin.__dict__.update(self.__dict__)
+        twin._hists = None
+        twin._seen = 0
+        return twin
+
+    def absorb(self, other: "KthMagnitude") -> None:
+        """Add another finder's counts of the open pass (integer adds: exact and order-free)."""
+        if other._pass != self._pass:
+            raise ValueError("can only absorb a finder at the same pass")
+        if other._hists is not None:
+            if self._hists is None:
+                self._hists = [h.clone() for h in other._hists]
+            else:
+                for mine, theirs in zip(self._hists, other._hists):
+                    mine += theirs
+        self._seen += other._seen
+
     def threshold_for(self, k: int) -> Threshold:
         """The threshold keeping exactly ``k`` elements (after the last pass)."""
         if not self.done:

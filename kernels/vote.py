@@ -121,7 +121,7 @@ def _mix_band(
         d = d * scale
     d = d * w
     if consensus is not None:
-        agree = agree_mask(d, sign_consensus(d, consensus))
+        agree = agree_mask(d, sign_consensus(d, consensus)).to(d.dtype)  # 0/1: same products, one bool conversion
         mixed = sum_models(d * agree)
         divisor = sum_models(w * agree)
         divisor = torch.where(divisor == 0, one, divisor)

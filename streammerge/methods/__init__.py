@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .registry import METHODS, MethodSpec, Param, Reduce, TensorJob, get_method
 
-FAMILIES = ("basic",)
+FAMILIES = ("basic", "task_vectors")
 
 
 def load_all() -> dict[str, MethodSpec]:

@@ -1,8 +1,7 @@
-"""linear, task_arithmetic, passthrough and slerp, with mergekit 0.1.5's order of operations.
+"""linear, passthrough and slerp, with mergekit 0.1.5's order of operations.
 
 linear and slerp compute in fp32 (fp64 inputs stay fp64) and cast back to the first input's dtype;
-task_arithmetic works in the loaded dtype (config `dtype`, else the inputs' promoted dtype), as
-mergekit's task-vector family does; passthrough scales in the loaded dtype.
+passthrough scales in the loaded dtype. task_arithmetic lives with its family in task_vectors.py.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..kernels.mix import task_vector_sum, weighted_sum
+from ..kernels.mix import weighted_sum
 from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
 
 
@@ -38,32 +37,6 @@ LINEAR = MethodSpec(
     min_models=1,
     description="weighted average of the models",
     paper="https://arxiv.org/abs/2203.05482",
-)
-
-
-# -- task_arithmetic --------------------------------------------------------------------------------
-
-def _task_arithmetic_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
-    assert job.base is not None
-    base = chunks[job.base]
-    others = [c for i, c in enumerate(chunks) if i != job.base]
-    weights = [float(p["weight"]) for i, p in enumerate(job.model_params) if i != job.base]
-    return task_vector_sum(base, others, weights, normalize=bool(job.params["normalize"]),
-                           lam=float(job.params["lambda"]))
-
-
-TASK_ARITHMETIC = MethodSpec(
-    name="task_arithmetic",
-    map=_task_arithmetic_map,
-    params=(
-        Param("weight", per_model=True, base_too=False, doc="scale of each model's task vector"),
-        Param("normalize", False, kind="bool", doc="divide by the sum of weights"),
-        Param("lambda", 1.0, doc="scale of the mixed task vector"),
-    ),
-    base="required",
-    min_models=1,
-    description="base plus the weighted sum of task vectors (model - base)",
-    paper="https://arxiv.org/abs/2212.04089",
 )
 
 
@@ -149,4 +122,4 @@ SLERP = MethodSpec(
     paper="https://en.wikipedia.org/wiki/Slerp",
 )
 
-SPECS = (LINEAR, TASK_ARITHMETIC, PASSTHROUGH, SLERP)
+SPECS = (LINEAR, PASSTHROUGH, SLERP)

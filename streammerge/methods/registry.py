@@ -96,6 +96,9 @@ class MethodSpec:
     validate: Callable[[TensorJob], str | None] | None = None
     reduce_plan: Callable[[TensorJob], tuple[Reduce, ...]] | None = None  # reduces that depend on the tensor
     row_local: bool = True                # output rows depend only on the same input rows (+ stats)
+    # The dtype `map` returns for a loaded dtype when it is not that dtype (mergekit's ramplus_tl and
+    # arcee_fusion promote to fp32 and write that when `out_dtype` is unset); None: the loaded dtype.
+    result_dtype: Callable[[torch.dtype], torch.dtype] | None = None
 
     def reduces_for(self, job: TensorJob) -> tuple[Reduce, ...]:
         return self.reduce_plan(job) if self.reduce_plan is not None else self.reduces

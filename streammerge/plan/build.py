@@ -166,8 +166,13 @@ class Planner:
             places.append((f"slices[{i}].parameters", s.parameters))
             for j, src in enumerate(s.sources):
                 places.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
+        per_model = {p.name for p in self.spec.params if p.per_model}
         for where, params in places:
             for key in params or {}:
+                model_level = where.startswith("models[") or ".sources[" in where
+                if model_level and key in known and key not in per_model:
+                    self.warnings.append(f"{where}.{key}: {key!r} is a global parameter of {self.spec.name!r}; "
+                                         "a value set per model is ignored (as in mergekit): move it under 'parameters'")
                 if key not in known:
                     close = difflib.get_close_matches(key, sorted(known), n=2)
                     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""

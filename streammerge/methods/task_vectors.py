@@ -1,0 +1,350 @@
+"""The task-vector family: task_arithmetic's relatives that sparsify each δ = θ_k − θ_0 and may vote on signs.
+
+One configurable unit, as in mergekit: a sparsifier (magnitude top-k, Bernoulli, magnitude with
+outliers dropped, DELLA's rank-based Bernoulli), an optional sign consensus, and mergekit 0.1.5's mixing
+(`streammerge.kernels.vote.mix`). Everything runs in the loaded dtype, as mergekit does.
+
+Passes per tensor:
+- magnitude sparsifiers: one histogram pass per level of the dtype's bit patterns (1 for bf16/fp16,
+  2 for fp32), then a counting pass (elements equal to each threshold per row, so that the tie rule
+  "first equal ones in flat order" holds in any band or block; L1 sums for rescale), then the map;
+- Bernoulli sparsifiers with L1 rescale: one pass for ‖δ‖₁ and ‖masked δ‖₁, then the map. Masks come
+  from the counter-based Philox stream of (seed, model, tensor), so both passes draw the same mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..kernels.philox import bernoulli_keep, stream_id
+from ..kernels.threshold import KthMagnitude, Threshold, topk_mask
+from ..kernels.vote import mix
+from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
+
+RESCALE_EPS = 1e-7
+
+
+def _density_check(v: Any) -> str | None:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return f"must be a number, got {v!r}"
+    if not 0 < v <= 1:
+        return f"must be in (0, 1], got {v} (density is the fraction of each task vector kept)"
+    return None
+
+
+def _deltas(job: TensorJob, chunks: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    """Base band, input indices of the other models, and their δ stacked [K, ...] in the loaded dtype."""
+    assert job.base is not None
+    base = chunks[job.base]
+    others = [i for i in range(len(chunks)) if i != job.base]
+    d = base.new_empty((len(others), *base.shape))
+    for j, i in enumerate(others):
+        torch.sub(chunks[i], base, out=d[j])
+    return base, others, d
+
+
+def _mp(job: TensorJob, i: int, key: str) -> Any:
+    return job.model_params[i][key]
+
+
+def _flat_start(job: TensorJob, row0: int) -> int:
+    return row0 * job.row_elems if len(job.shape) >= 2 else 0
+
+
+# -- magnitude thresholds -----------------------------------------------------------------------------
+
+def _ranks(job: TensorJob, i: int, kind: str) -> tuple[int, ...]:
+    """The k-th-largest ranks each model needs: top-k for ties; two for breadcrumbs' band."""
+    n, d = job.numel, float(_mp(job, i, "density"))
+    if kind == "magnitude":
+        return (max(1, int(d * n)),)
+    target = int(d * n)
+    top = int(float(_mp(job, i, "gamma")) * n)
+    bot = max(0, n - target - top)
+    return (n - bot, n - bot - target)
+
+
+def _needs_mask(job: TensorJob, i: int) -> bool:
+    return float(_mp(job, i, "density")) < 1 and job.numel > 0
+
+
+@dataclass
+class _Thresholds:
+    """Per non-base model: finder (while counting) and the thresholds found."""
+
+    finders: list[KthMagnitude | None]
+
+
+def _magnitude_reduces(job: TensorJob, kind: str, rescale: bool) -> tuple[Reduce, ...]:
+    others = [i for i in range(len(job.model_params)) if i != job.base]
+    finders: list[KthMagnitude | None] = [
+        KthMagnitude(job.compute_dtype, job.numel, _ranks(job, i, kind)) if _needs_mask(job, i) else None
+        for i in others
+    ]
+    live = [f for f in finders if f is not None]
+    n_passes = live[0].passes if live else 0
+
+    def hist_pass(p: int) -> Reduce:
+        def init(job: TensorJob) -> list[KthMagnitude | None]:
+            return [f.spawn() if f is not None else None for f in finders]
+
+        def update(state, job, chunks, row0) -> None:
+            _, _, d = _deltas(job, chunks)
+            for j, f in enumerate(state):
+                if f is not None:
+                    f.update(d[j], p)
+
+        def merge(into, other) -> None:
+            for a, b in zip(into, other):
+                if a is not None:
+                    a.absorb(b)
+
+        def finish(state, job, stats) -> list[KthMagnitude | None]:
+            for shared, part in zip(finders, state):
+                if shared is not None:
+                    shared.absorb(part)
+                    shared.finish_pass(p)
+            return finders
+
+        return Reduce(init, update, finish, merge)
+
+    def count_init(job: TensorJob) -> dict:
+        return {"eq": [[] for _ in others], "l1": [[] for _ in others], "kept": [[] for _ in others]}
+
+    def count_update(state: dict, job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
+        _, _, d = _deltas(job, chunks)
+        rows = d.shape[1] if d.dim() >= 3 else 1
+        for j, f in enumerate(finders):
+            if f is None:
+                continue
+            flat = d[j].reshape(rows, -1)
+            key = flat.view(_int_of(flat.dtype)) & _key_mask(flat.dtype)
+            ths = [f.threshold_for(k) for k in f.ks]
+            state["eq"][j].append(torch.stack([(key == th.bits).sum(dim=1) for th in ths]))
+            if rescale:
+                mag = flat.abs().double()
+                state["l1"][j].extend(mag.sum(dim=1).tolist())
+                above = key > ths[0].bits
+                state["kept"][j].extend(torch.where(above, mag, 0).sum(dim=1).tolist())
+
+    def count_merge(into: dict, other: dict) -> None:
+        for key in into:
+            for a, b in zip(into[key], other[key]):
+                a.extend(b)
+
+    def count_finish(state: dict, job: TensorJob, stats) -> dict:
+        prefix, scale = [], []
+        for j, f in enumerate(finders):
+            if f is None:
+                prefix.append(None)
+                scale.append(1.0)
+                continue
+            ths = [f.threshold_for(k) for k in f.ks]
+            per_row = torch.cat(state["eq"][j], dim=1) if state["eq"][j] else torch.zeros(len(ths), 0, dtype=torch.int64)
+            before = torch.zeros(len(ths), per_row.shape[1] + 1, dtype=torch.int64)
+            torch.cumsum(per_row, dim=1, out=before[:, 1:])
+            prefix.append((tuple(ths), before))
+            if rescale:
+                total = math.fsum(state["l1"][j])
+                kept = math.fsum(state["kept"][j]) + ths[0].n_equal_keep * abs(ths[0].value)
+                scale.append(total / kept if total >= RESCALE_EPS and kept >= RESCALE_EPS else 1.0)
+            else:
+                scale.append(1.0)
+        return {"prefix": prefix, "scale": scale}
+
+    passes = tuple(hist_pass(p) for p in range(n_passes))
+    return passes + (Reduce(count_init, count_update, count_finish, count_merge),) if live else ()
+
+
+def _int_of(dtype: torch.dtype) -> torch.dtype:
+    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.finfo(dtype).bits // 8]
+
+
+def _key_mask(dtype: torch.dtype) -> int:
+    return (1 << (torch.finfo(dtype).bits - 1)) - 1
+
+
+def _magnitude_masks(job: TensorJob, d: torch.Tensor, stats: dict, row0: int, kind: str) -> torch.Tensor | None:
+    mask = torch.ones(d.shape, dtype=torch.bool, device=d.device)
+    any_mask = False
+    for j, entry in enumerate(stats["prefix"]):
+        if entry is None:
+            continue
+        any_mask = True
+        ths, before = entry
+        row = row0 if len(job.shape) >= 2 else 0
+        m, _ = topk_mask(d[j], ths[0], int(before[0, row]))
+        if kind == "magnitude_outliers":
+            if ths[1].k > 0:
+                drop, _ = topk_mask(d[j], ths[1], int(before[1, row]))
+                m &= ~drop
+        mask[j] = m
+    return mask if any_mask else None
+
+
+# -- Bernoulli masks (DARE, DELLA) --------------------------------------------------------------------
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """mergekit draws and rescales in bf16 for bf16 inputs, in fp32 for fp16/fp32 on CPU."""
+    return dtype if dtype in (torch.bfloat16, torch.float64) else torch.float32
+
+
+def _keep_probability(job: TensorJob, i: int, kind: str, band: torch.Tensor) -> float | torch.Tensor:
+    d = float(_mp(job, i, "density"))
+    if kind == "random":
+        return float(torch.tensor(d, dtype=_work_dtype(job.compute_dtype)))
+    eps = float(_mp(job, i, "epsilon"))
+    rows = band.reshape(band.shape[0], -1) if band.dim() >= 2 and len(job.shape) >= 2 else band.reshape(1, -1)
+    n = rows.shape[1]
+    order = torch.argsort(rows.abs().float(), dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n, device=band.device).expand_as(order))
+    rn = rank.float() / max(n - 1, 1)
+    return ((d - eps) + rn * (2 * eps)).reshape(-1)
+
+
+def _bernoulli_masks(job: TensorJob, d: torch.Tensor, row0: int, kind: str) -> torch.Tensor | None:
+    others = [i for i in range(len(job.model_params)) if i != job.base]
+    if not any(_needs_mask(job, i) for i in others):
+        return None
+    mask = torch.ones(d.shape, dtype=torch.bool, device=d.device)
+    start, count = _flat_start(job, row0), d[0].numel()
+    for j, i in enumerate(others):
+        if _needs_mask(job, i):
+            p = _keep_probability(job, i, kind, d[j])
+            keep = bernoulli_keep(job.seed, stream_id(job.model_ids[i], job.name), start, count, p, device=d.device)
+            mask[j] = keep.reshape(d[j].shape)
+    return mask
+
+
+def _bernoulli_reduces(job: TensorJob, kind: str) -> tuple[Reduce, ...]:
+    def init(job):
+        return {"l1": [], "kept": []}
+
+    def update(state, job, chunks, row0):
+        _, _, d = _deltas(job, chunks)
+        mask = _bernoulli_masks(job, d, row0, kind)
+        k = d.shape[0]
+        mag = d.reshape(k, d.shape[1] if d.dim() >= 3 else 1, -1).abs().double()
+        state["l1"].append(mag.sum(dim=2))
+        if mask is not None:
+            state["kept"].append((mag * mask.reshape(mag.shape)).sum(dim=2))
+        else:
+            state["kept"].append(mag.sum(dim=2))
+
+    def merge(into, other):
+        into["l1"].extend(other["l1"])
+        into["kept"].extend(other["kept"])
+
+    def finish(state, job, stats):
+        l1 = torch.cat(state["l1"], dim=1) if state["l1"] else torch.zeros(0, 0, dtype=torch.float64)
+        kept = torch.cat(state["kept"], dim=1) if state["kept"] else l1
+        scale = []
+        for j in range(l1.shape[0]):
+            total, part = math.fsum(l1[j].tolist()), math.fsum(kept[j].tolist())
+            scale.append(total / part if total >= RESCALE_EPS and part >= RESCALE_EPS else 1.0)
+        return {"scale": scale}
+
+    return (Reduce(init, update, finish, merge),)
+
+
+# -- the family -----------------------------------------------------------------------------------------
+
+def _make(name: str, sparsify: str | None, consensus: bool, normalize: bool, rescale: bool,
+          description: str, paper: str) -> MethodSpec:
+    params = [
+        Param("weight", per_model=True, base_too=False, doc="scale of each model's task vector"),
+        Param("density", 1.0, per_model=True, base_too=False, check=_density_check, doc="fraction of δ kept"),
+        Param("normalize", normalize, kind="bool", doc="divide by the sum of the weights that take part"),
+        Param("rescale", rescale, kind="bool", doc="rescale kept δ to the L1 norm of the whole δ"),
+        Param("lambda", 1.0, doc="scale of the merged task vector"),
+        Param("int8_mask", False, kind="bool", doc="accepted for mergekit compatibility (no numerical effect)"),
+    ]
+    if sparsify == "magnitude_outliers":
+        params.append(Param("gamma", 0.01, per_model=True, base_too=False, check=in_range(0, 1),
+                            doc="fraction of the largest |δ| dropped"))
+    if sparsify == "della":
+        params.append(Param("epsilon", 0.15, per_model=True, base_too=False, check=in_range(0, 1, lo_open=True),
+                            doc="keep probabilities span density ± epsilon by rank within each row"))
+    if sparsify in ("random", "della"):
+        params.append(Param("rescale_mode", "l1", kind="str", check=_one_of("l1", "inverse_density"),
+                            doc="l1: mergekit's L1-norm matching; inverse_density: the DARE paper's 1/p"))
+    if consensus:
+        params.append(Param("consensus", "sum", kind="str", check=_one_of("sum", "count"),
+                            doc="sign election: sign of Σ w·δ (sum) or of Σ sign(δ) (count)"))
+
+    magnitude = sparsify in ("magnitude", "magnitude_outliers")
+
+    def reduce_plan(job: TensorJob) -> tuple[Reduce, ...]:
+        if magnitude:
+            return _magnitude_reduces(job, sparsify, bool(job.params["rescale"]))
+        if sparsify in ("random", "della") and job.params["rescale"] and job.params["rescale_mode"] == "l1":
+            return _bernoulli_reduces(job, sparsify)
+        return ()
+
+    def map_fn(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
+        base, others, d = _deltas(job, chunks)
+        if not others:
+            return base
+        mask, scale = None, None
+        if magnitude and stats:
+            mask = _magnitude_masks(job, d, stats[-1], row0, sparsify)
+            scale = stats[-1]["scale"] if job.params["rescale"] else None
+        elif sparsify in ("random", "della"):
+            mask = _bernoulli_masks(job, d, row0, sparsify)
+            if job.params["rescale"]:
+                if job.params["rescale_mode"] == "l1":
+                    scale = stats[-1]["scale"]
+                else:
+                    scale = [1.0 / float(_mp(job, i, "density")) for i in others]
+        if scale is not None:
+            scale = torch.tensor(scale, dtype=torch.float64).to(_work_dtype(d.dtype)).to(d.dtype)
+        weights = [float(_mp(job, i, "weight")) for i in others]
+        method = job.params.get("consensus", "sum") if consensus else None
+        mixed = mix(d, weights, mask, scale=scale, consensus=method, normalize=bool(job.params["normalize"]),
+                    lam=float(job.params["lambda"]))
+        return (base + mixed).to(base.dtype)
+
+    def validate(job: TensorJob) -> str | None:
+        if sparsify == "della":
+            for i in range(len(job.model_params)):
+                if i == job.base:
+                    continue
+                dd, eps = float(_mp(job, i, "density")), float(_mp(job, i, "epsilon"))
+                if dd < 1 and not (0 < dd - eps and dd + eps < 1):
+                    return (f"della needs 0 < density - epsilon and density + epsilon < 1; got density {dd}, "
+                            f"epsilon {eps} for input {i}: lower epsilon below {min(dd, 1 - dd):g}")
+        return None
+
+    return MethodSpec(name=name, map=map_fn, params=tuple(params), base="required", min_models=1,
+                      reduce_plan=reduce_plan, description=description, paper=paper, validate=validate)
+
+
+def _one_of(*allowed: str):
+    def check(v: Any) -> str | None:
+        return None if v in allowed else f"must be one of {', '.join(allowed)}, got {v!r}"
+    return check
+
+
+TASK_ARITHMETIC = _make("task_arithmetic", None, False, False, False, "base plus the weighted sum of task vectors "
+                        "(model - base)", "https://arxiv.org/abs/2212.04089")
+TIES = _make("ties", "magnitude", True, True, False, "keep each task vector's top-density |δ|, elect signs, "
+             "average the agreeing entries", "https://arxiv.org/abs/2306.01708")
+DARE_TIES = _make("dare_ties", "random", True, False, True, "drop δ at random (keep p = density), rescale, "
+                  "elect signs", "https://arxiv.org/abs/2311.03099")
+DARE_LINEAR = _make("dare_linear", "random", False, False, True, "drop δ at random, rescale, add",
+                    "https://arxiv.org/abs/2311.03099")
+BREADCRUMBS = _make("breadcrumbs", "magnitude_outliers", False, False, False,
+                    "drop the largest gamma and the smallest |δ|, keep density", "https://arxiv.org/abs/2312.06795")
+BREADCRUMBS_TIES = _make("breadcrumbs_ties", "magnitude_outliers", True, False, False,
+                         "breadcrumbs with sign election", "https://arxiv.org/abs/2312.06795")
+DELLA = _make("della", "della", True, True, True, "keep δ with probability rising with its rank in the row "
+              "(density ± epsilon), rescale, elect signs", "https://arxiv.org/abs/2406.11617")
+DELLA_LINEAR = _make("della_linear", "della", False, False, True, "della without sign election",
+                     "https://arxiv.org/abs/2406.11617")
+
+SPECS = (TASK_ARITHMETIC, TIES, DARE_TIES, DARE_LINEAR, BREADCRUMBS, BREADCRUMBS_TIES, DELLA, DELLA_LINEAR)
