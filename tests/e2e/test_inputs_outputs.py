@@ -1,0 +1,84 @@
+"""Inputs beyond safetensors, resume, tokenizer and chat template handling."""
+
+import json
+import shutil
+
+import torch
+
+from conftest import load_dir, merge, shard_bytes, write_yaml
+from e2e.test_methods_basic import config_for
+from streammerge import RunOptions, run
+
+
+def test_pickled_bin_inputs_merge_like_safetensors(tiny_family, tmp_path):
+    base, experts = tiny_family
+    pickled = []
+    for e in experts:
+        d = tmp_path / ("bin-" + e.name)
+        d.mkdir()
+        shutil.copy(e / "config.json", d / "config.json")
+        torch.save(load_dir(e), d / "pytorch_model.bin")
+        pickled.append(d)
+    a = load_dir(merge(config_for("linear", base, experts), tmp_path, "st"))
+    b = load_dir(merge(config_for("linear", base, pickled), tmp_path, "bin"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_skips_finished_shards_and_gives_identical_bytes(tiny_family, tmp_path):
+    base, experts = tiny_family
+    cfg = write_yaml(tmp_path / "c.yml", config_for("task_arithmetic", base, experts))
+    full = tmp_path / "full"
+    run(cfg, full, RunOptions(max_memory=2 << 30, progress=False, out_shard_size=60_000))
+    expected = shard_bytes(full)
+    assert len(expected) > 2
+    partial = tmp_path / "partial"
+    shutil.copytree(full, partial)
+    shards = sorted(expected)
+    (partial / shards[-1]).unlink()            # as if killed before the last shard committed
+    (partial / "model.safetensors.index.json").unlink()
+    (partial / (shards[-2] + ".partial")).write_bytes(b"junk")
+    first = (partial / shards[0]).stat().st_mtime_ns
+    report = run(cfg, partial, RunOptions(max_memory=2 << 30, progress=False, out_shard_size=60_000, resume=True))
+    assert shard_bytes(partial) == expected
+    assert (partial / shards[0]).stat().st_mtime_ns == first  # not rewritten
+    assert sum(s.skipped for s in report.shards) == len(shards) - 1
+    assert not list(partial.glob("*.partial"))
+
+
+def test_resume_refuses_a_different_config(tiny_family, tmp_path):
+    import pytest
+
+    from streammerge.errors import ResumeError
+
+    base, experts = tiny_family
+    cfg = write_yaml(tmp_path / "c.yml", config_for("linear", base, experts))
+    out = tmp_path / "o"
+    run(cfg, out, RunOptions(max_memory=2 << 30, progress=False))
+    other = config_for("linear", base, experts)
+    other["models"][0]["parameters"]["weight"] = 0.9
+    with pytest.raises(ResumeError, match="different config"):
+        run(write_yaml(tmp_path / "d.yml", other), out, RunOptions(max_memory=2 << 30, progress=False, resume=True))
+
+
+def test_tokenizer_source_and_chat_template(tiny_family, tmp_path):
+    base, experts = tiny_family
+    donor = tmp_path / "donor"
+    shutil.copytree(experts[1], donor)  # the session's fixture models stay untouched
+    (donor / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
+    experts = [experts[0], donor, experts[2]]
+    cfg = config_for("task_arithmetic", base, experts) | {"tokenizer_source": str(donor),
+                                                           "chat_template": "{{ messages }}"}
+    out = merge(cfg, tmp_path)
+    tok = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok["model_max_length"] == 77 and tok["chat_template"] == "{{ messages }}"
+    assert (out / "generation_config.json").exists()
+
+
+def test_global_parameter_given_per_model_warns(tiny_family, tmp_path):
+    from streammerge import check
+
+    base, experts = tiny_family
+    cfg = config_for("linear", base, experts)
+    cfg["models"][0]["parameters"]["normalize"] = False
+    plan = check(write_yaml(tmp_path / "c.yml", cfg), RunOptions(max_memory=2 << 30))
+    assert any("models[0].parameters.normalize" in w and "global parameter" in w for w in plan.warnings)
