@@ -110,6 +110,7 @@ class Executor:
         self.writes: queue.Queue = queue.Queue(maxsize=self.prefetch + 1)
         self.nonfinite: list[str] = []
         self.workers = None
+        self.model_stats: dict[int, object] = {}
 
     # -- reader ---------------------------------------------------------------------------------------
     def _read_all(self) -> None:
@@ -204,6 +205,13 @@ class Executor:
 
             self.workers = ThreadPoolExecutor(threads, thread_name_prefix="streammerge-compute")
             torch.set_num_threads(1)
+        try:
+            self.model_stats = self._model_pass()
+        except BaseException:
+            if self.workers is not None:
+                self.workers.shutdown()
+                torch.set_num_threads(threads)
+            raise
         reader = threading.Thread(target=self._read_all, name="streammerge-reader", daemon=True)
         writer = threading.Thread(target=self._write_all, name="streammerge-writer", daemon=True)
         reader.start()
@@ -239,7 +247,7 @@ class Executor:
             if band.tensor not in jobs:
                 job = TensorJob.from_plan(t, self.plan.seed)
                 jobs[band.tensor] = (job, self.spec.reduces_for(job))
-                stats[band.tensor] = []
+                stats[band.tensor] = [self.model_stats[band.tensor]] if band.tensor in self.model_stats else []
                 if not self.stats[t.shard].started:
                     self.stats[t.shard].started = time.perf_counter()
             job, reduces = jobs[band.tensor]
@@ -252,6 +260,36 @@ class Executor:
             if band.r1 == t.rows and band.passes[-1] == t.passes - 1:
                 jobs.pop(band.tensor, None)
                 stats.pop(band.tensor, None)
+
+    def _model_pass(self) -> dict[int, object]:
+        """Sweeps over the whole model before any tensor's own passes (e.g. TIES with scope: model).
+        Bands are read synchronously into the first pool slot; no other thread runs yet."""
+        mp = self.spec.model_pass
+        if mp is None:
+            return {}
+        jobs = [TensorJob.from_plan(t, self.plan.seed) for t in self.plan.tensors]
+        sweeps = mp.sweeps(jobs)
+        if not sweeps:
+            return {}
+        try:
+            state = mp.init(jobs)
+        except ValueError as e:
+            raise StreammergeError(f"method {self.spec.name!r}: {e}") from None
+        buf = self.pool.buffers[0]
+        with RowReader() as reader:
+            for sweep in range(sweeps):
+                for ti, (t, job) in enumerate(zip(self.plan.tensors, jobs)):
+                    for r0 in range(0, t.rows, t.rows_per_chunk):
+                        r1 = min(t.rows, r0 + t.rows_per_chunk)
+                        chunks, off = [], 0
+                        for s in t.inputs:
+                            n = (r1 - r0) * s.info.row_bytes
+                            chunks.append(reader.read_rows(s.info, r0, r1, out=buf[off:off + n]).to(job.compute_dtype))
+                            off += _aligned(n)
+                        mp.update(state, sweep, ti, job, chunks, r0)
+                        self.on_progress(_band_bytes(t, r1 - r0))
+                mp.end_sweep(state, sweep)
+        return {ti: mp.result(state, ti, job) for ti, job in enumerate(jobs)}
 
     def _blocks(self, t: TensorPlan, band: Band) -> list[tuple[int, int]]:
         """Row-aligned sub-bands of about BLOCK_ELEMS elements, relative to the band."""

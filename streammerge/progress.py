@@ -19,7 +19,7 @@ def run_with_progress(config_path: str | os.PathLike, out: str | os.PathLike, op
     state: dict = {}
 
     def on_start(plan) -> None:
-        total = sum(t.bytes_in * (t.passes if t.rows_per_chunk < t.rows else 1) for t in plan.tensors)
+        total = plan.bytes_in
         state["task"] = progress.add_task(f"{plan.method}", total=total)
         for w in plan.warnings:
             console.print(f"[yellow]warning:[/yellow] {w}")

@@ -6,7 +6,7 @@ as a side effect of an import: adding a method is adding it to its family's `SPE
 
 from __future__ import annotations
 
-from .registry import METHODS, MethodSpec, Param, Reduce, TensorJob, get_method
+from .registry import METHODS, MethodSpec, ModelPass, Param, Reduce, TensorJob, get_method
 
 FAMILIES = ("basic", "task_vectors")
 
@@ -23,4 +23,4 @@ def load_all() -> dict[str, MethodSpec]:
     return METHODS
 
 
-__all__ = ["METHODS", "MethodSpec", "Param", "Reduce", "TensorJob", "get_method", "load_all"]
+__all__ = ["METHODS", "MethodSpec", "ModelPass", "Param", "Reduce", "TensorJob", "get_method", "load_all"]

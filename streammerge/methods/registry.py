@@ -79,6 +79,22 @@ class Reduce:
     merge: Callable[[Any, Any], None] | None = None
 
 
+@dataclass(frozen=True)
+class ModelPass:
+    """Sweeps over every tensor of the merge before any tensor's own passes (TIES over the whole model).
+
+    `sweeps(jobs)` says how many (0: not needed for this config); `init(jobs)` makes the state;
+    `update(state, sweep, index, job, chunks, row0)` folds one band of tensor `index` (tensors in plan
+    order, bands in row order); `end_sweep(state, sweep)` closes a sweep; `result(state, index, job)` is
+    the statistic of tensor `index`, handed to its map as `stats[0]`."""
+
+    sweeps: Callable[[Sequence[TensorJob]], int]
+    init: Callable[[Sequence[TensorJob]], Any]
+    update: Callable[[Any, int, int, TensorJob, list[torch.Tensor], int], None]
+    end_sweep: Callable[[Any, int], None]
+    result: Callable[[Any, int, TensorJob], Any]
+
+
 MapFn = Callable[[TensorJob, list[torch.Tensor], Sequence[Any], int], torch.Tensor]
 
 
@@ -96,6 +112,7 @@ class MethodSpec:
     validate: Callable[[TensorJob], str | None] | None = None
     reduce_plan: Callable[[TensorJob], tuple[Reduce, ...]] | None = None  # reduces that depend on the tensor
     row_local: bool = True                # output rows depend only on the same input rows (+ stats)
+    model_pass: ModelPass | None = None
     # The dtype `map` returns for a loaded dtype when it is not that dtype (mergekit's ramplus_tl and
     # arcee_fusion promote to fp32 and write that when `out_dtype` is unset); None: the loaded dtype.
     result_dtype: Callable[[torch.dtype], torch.dtype] | None = None

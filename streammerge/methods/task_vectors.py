@@ -23,7 +23,7 @@ import torch
 from ..kernels.philox import bernoulli_keep, stream_id
 from ..kernels.threshold import KthMagnitude, Threshold, topk_mask
 from ..kernels.vote import mix
-from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
+from .registry import MethodSpec, ModelPass, Param, Reduce, TensorJob, in_range
 
 RESCALE_EPS = 1e-7
 
@@ -59,13 +59,8 @@ def _flat_start(job: TensorJob, row0: int) -> int:
 
 def _ranks(job: TensorJob, i: int, kind: str) -> tuple[int, ...]:
     """The k-th-largest ranks each model needs: top-k for ties; two for breadcrumbs' band."""
-    n, d = job.numel, float(_mp(job, i, "density"))
-    if kind == "magnitude":
-        return (max(1, int(d * n)),)
-    target = int(d * n)
-    top = int(float(_mp(job, i, "gamma")) * n)
-    bot = max(0, n - target - top)
-    return (n - bot, n - bot - target)
+    gamma = float(_mp(job, i, "gamma")) if kind != "magnitude" else None
+    return _ranks_for(job.numel, float(_mp(job, i, "density")), gamma, kind)
 
 
 def _needs_mask(job: TensorJob, i: int) -> bool:
@@ -186,6 +181,115 @@ def _magnitude_masks(job: TensorJob, d: torch.Tensor, stats: dict, row0: int, ki
     return mask if any_mask else None
 
 
+# -- TIES over the whole model (scope: model) ---------------------------------------------------------
+
+def _model_scope(jobs: Sequence[TensorJob]) -> bool:
+    return bool(jobs) and jobs[0].params.get("scope") == "model"
+
+
+def _model_pass(kind: str) -> ModelPass:
+    """Each expert keeps its top `density` fraction of |δ| over all of its tensors, as in the TIES paper:
+    one histogram per expert across the model, then a counting sweep for the tie rule (first equal
+    elements in flat order, tensors in plan order)."""
+
+    def sweeps(jobs: Sequence[TensorJob]) -> int:
+        if not _model_scope(jobs):
+            return 0
+        return KthMagnitude(jobs[0].compute_dtype, 1, 1).passes + 1
+
+    def init(jobs: Sequence[TensorJob]) -> dict:
+        dtypes = {j.compute_dtype for j in jobs}
+        if len(dtypes) > 1:
+            raise ValueError(f"scope: model needs one dtype for every tensor, got {sorted(map(str, dtypes))}; set 'dtype:'")
+        sizes: dict[int, int] = {}
+        density: dict[int, tuple[float, float | None]] = {}
+        for job in jobs:
+            for i, mid in enumerate(job.model_ids):
+                if i == job.base:
+                    continue
+                sizes[mid] = sizes.get(mid, 0) + job.numel
+                d = (float(_mp(job, i, "density")), float(_mp(job, i, "gamma")) if kind != "magnitude" else None)
+                if density.setdefault(mid, d) != d:
+                    raise ValueError(f"scope: model needs one density (and gamma) per model; model {mid} has "
+                                     f"{density[mid]} and {d} (tensor {job.name!r})")
+        finders = {}
+        for mid, n in sizes.items():
+            d, g = density[mid]
+            if d < 1 and n:
+                ks = _ranks_for(n, d, g, kind)
+                finders[mid] = KthMagnitude(jobs[0].compute_dtype, n, ks)
+        return {"finders": finders, "eq": {}, "l1": {}, "kept": {}, "offset": {}, "hist_sweeps": sweeps(jobs) - 1}
+
+    def update(state: dict, sweep: int, index: int, job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
+        _, others, d = _deltas(job, chunks)
+        for j, i in enumerate(others):
+            f = state["finders"].get(job.model_ids[i])
+            if f is None:
+                continue
+            if sweep < state["hist_sweeps"]:
+                f.update(d[j], sweep)
+                continue
+            rows = d.shape[1] if d.dim() >= 3 else 1
+            flat = d[j].reshape(rows, -1)
+            key = flat.view(_int_of(flat.dtype)) & _key_mask(flat.dtype)
+            ths = [f.threshold_for(k) for k in f.ks]
+            state["eq"].setdefault((index, j), []).append(torch.stack([(key == th.bits).sum(dim=1) for th in ths]))
+            if job.params["rescale"]:
+                mag = flat.abs().double()
+                state["l1"].setdefault((index, j), []).extend(mag.sum(dim=1).tolist())
+                state["kept"].setdefault((index, j), []).extend(torch.where(key > ths[0].bits, mag, 0).sum(dim=1).tolist())
+
+    def end_sweep(state: dict, sweep: int) -> None:
+        if sweep < state["hist_sweeps"]:
+            for f in state["finders"].values():
+                f.finish_pass(sweep)
+            return
+        running: dict[int, torch.Tensor] = {}
+        for (index, j) in sorted(state["eq"]):
+            per_row = torch.cat(state["eq"][(index, j)], dim=1)
+            state["offset"][(index, j)] = running.get(j, torch.zeros(per_row.shape[0], dtype=torch.int64)).clone()
+            running[j] = state["offset"][(index, j)] + per_row.sum(dim=1)
+
+    def result(state: dict, index: int, job: TensorJob) -> dict:
+        prefix, scale = [], []
+        others = [i for i in range(len(job.model_ids)) if i != job.base]
+        for j, i in enumerate(others):
+            f = state["finders"].get(job.model_ids[i])
+            if f is None or (index, j) not in state["eq"]:
+                prefix.append(None)
+                scale.append(1.0)
+                continue
+            ths = tuple(f.threshold_for(k) for k in f.ks)
+            per_row = torch.cat(state["eq"][(index, j)], dim=1)
+            before = torch.zeros(len(ths), per_row.shape[1] + 1, dtype=torch.int64)
+            torch.cumsum(per_row, dim=1, out=before[:, 1:])
+            before += state["offset"][(index, j)].unsqueeze(1)
+            prefix.append((ths, before))
+            if job.params["rescale"]:
+                total = math.fsum(state["l1"][(index, j)])
+                kept = math.fsum(state["kept"][(index, j)]) + _equal_kept(ths[0], before[0]) * abs(ths[0].value)
+                scale.append(total / kept if total >= RESCALE_EPS and kept >= RESCALE_EPS else 1.0)
+            else:
+                scale.append(1.0)
+        return {"prefix": prefix, "scale": scale}
+
+    return ModelPass(sweeps, init, update, end_sweep, result)
+
+
+def _equal_kept(th: Threshold, before: torch.Tensor) -> int:
+    """How many of this tensor's elements equal to the threshold fall within the model's quota."""
+    start, end = int(before[0]), int(before[-1])
+    return max(0, min(end, th.n_equal_keep) - start)
+
+
+def _ranks_for(n: int, density: float, gamma: float | None, kind: str) -> tuple[int, ...]:
+    if kind == "magnitude":
+        return (max(1, int(density * n)),)
+    target, top = int(density * n), int(gamma * n)
+    bot = max(0, n - target - top)
+    return (n - bot, n - bot - target)
+
+
 # -- Bernoulli masks (DARE, DELLA) --------------------------------------------------------------------
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -273,6 +377,9 @@ def _make(name: str, sparsify: str | None, consensus: bool, normalize: bool, res
     if sparsify in ("random", "della"):
         params.append(Param("rescale_mode", "l1", kind="str", check=_one_of("l1", "inverse_density"),
                             doc="l1: mergekit's L1-norm matching; inverse_density: the DARE paper's 1/p"))
+    if sparsify in ("magnitude", "magnitude_outliers"):
+        params.append(Param("scope", "tensor", kind="str", check=_one_of("tensor", "model"),
+                            doc="tensor: top-k per tensor (mergekit); model: per expert over the whole model (TIES paper)"))
     if consensus:
         params.append(Param("consensus", "sum", kind="str", check=_one_of("sum", "count"),
                             doc="sign election: sign of Σ w·δ (sum) or of Σ sign(δ) (count)"))
@@ -280,6 +387,8 @@ def _make(name: str, sparsify: str | None, consensus: bool, normalize: bool, res
     magnitude = sparsify in ("magnitude", "magnitude_outliers")
 
     def reduce_plan(job: TensorJob) -> tuple[Reduce, ...]:
+        if magnitude and job.params.get("scope") == "model":
+            return ()
         if magnitude:
             return _magnitude_reduces(job, sparsify, bool(job.params["rescale"]))
         if sparsify in ("random", "della") and job.params["rescale"] and job.params["rescale_mode"] == "l1":
@@ -321,7 +430,8 @@ def _make(name: str, sparsify: str | None, consensus: bool, normalize: bool, res
         return None
 
     return MethodSpec(name=name, map=map_fn, params=tuple(params), base="required", min_models=1,
-                      reduce_plan=reduce_plan, description=description, paper=paper, validate=validate)
+                      reduce_plan=reduce_plan, description=description, paper=paper, validate=validate,
+                      model_pass=_model_pass(sparsify) if magnitude else None)
 
 
 def _one_of(*allowed: str):

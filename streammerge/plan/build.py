@@ -265,6 +265,15 @@ class Planner:
                 msg = self.spec.validate(job)
                 if msg:
                     raise ConfigError(f"{out_name}: {msg}")
+        sweeps = 0
+        if self.spec.model_pass is not None:
+            jobs = [TensorJob.from_plan(t, self.options.seed) for t in tensors]
+            sweeps = self.spec.model_pass.sweeps(jobs)
+            if sweeps:
+                try:
+                    self.spec.model_pass.init(jobs)
+                except ValueError as e:
+                    raise ConfigError(f"parameters: {e}") from None
         sizes = {t.name: t.bytes_out for t in tensors}
         groups = assign_shards([(t.name, t.bytes_out) for t in tensors], self.options.out_shard_size)
         shards = shard_plans(groups, sizes)
@@ -281,6 +290,7 @@ class Planner:
             reference_model=model_index[ref_name],
             tokenizer_model=self._tokenizer_model(model_index, ref_name),
             warnings=tuple(self.warnings),
+            model_sweeps=sweeps,
         )
 
     def _compute_dtype(self, infos: list[TensorInfo]) -> str:

@@ -23,6 +23,8 @@ def print_plan(plan: Plan, console) -> None:
     multi = sum(1 for t in plan.tensors if t.rows_per_chunk < t.rows and t.passes > 1)
     console.print(f"[bold]tensors[/bold] {len(plan.tensors)} ({plan.out_layers} layers); passes per tensor: "
                   f"{plan.tensors[0].passes if plan.tensors else 0}; re-read for later passes: {multi}")
+    if plan.model_sweeps:
+        console.print(f"[bold]whole-model sweeps[/bold] {plan.model_sweeps} before the per-tensor passes (scope: model)")
     kinds = Counter(t.out_dtype for t in plan.tensors)
     console.print(f"[bold]bytes[/bold] in {_fmt(plan.bytes_in)}, out {_fmt(plan.bytes_out)}; output dtype(s): "
                   + ", ".join(f"{k} x{v}" for k, v in kinds.items()))

@@ -60,10 +60,12 @@ class Plan:
     reference_model: int = 0            # index into models: config.json / tokenizer source
     tokenizer_model: int | None = None
     warnings: tuple[str, ...] = ()
+    model_sweeps: int = 0               # whole-model passes before the per-tensor ones (TIES scope: model)
 
     @property
     def bytes_in(self) -> int:
-        return sum(t.bytes_in * t.passes if t.rows_per_chunk < t.rows else t.bytes_in for t in self.tensors)
+        per_tensor = sum(t.bytes_in * t.passes if t.rows_per_chunk < t.rows else t.bytes_in for t in self.tensors)
+        return per_tensor + self.model_sweeps * sum(t.bytes_in for t in self.tensors)
 
     @property
     def bytes_out(self) -> int:

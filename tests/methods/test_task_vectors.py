@@ -144,3 +144,62 @@ def test_missing_base_is_rejected(tiny_family, tmp_path):
     del cfg["base_model"]
     with pytest.raises(ConfigError, match="needs a base model"):
         check(write_yaml(tmp_path / "c.yml", cfg), RunOptions(max_memory=2 << 30))
+
+
+def _two_tensor_model(path, seed, base=None):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    path.mkdir()
+    if base is None:
+        t = {"a.weight": torch.randn(6, 5, generator=g), "b.weight": torch.randn(4, 3, generator=g)}
+    else:
+        t = {k: v + torch.randn(v.shape, generator=g) * (3.0 if k == "a.weight" else 0.5) for k, v in base.items()}
+    save_file(t, path / "model.safetensors")
+    return t
+
+
+def test_ties_model_scope_matches_a_dense_reference(tmp_path):
+    """scope: model keeps each expert's top density of |δ| over all of its tensors, so the tensor whose
+    deltas are larger (a.weight) keeps more than density of its own entries."""
+    base = _two_tensor_model(tmp_path / "base", 0)
+    experts = [_two_tensor_model(tmp_path / f"e{i}", 10 + i, base) for i in range(2)]
+    density = 0.4
+    cfg = {"merge_method": "ties", "base_model": str(tmp_path / "base"), "parameters": {"scope": "model"},
+           "models": [{"model": str(tmp_path / f"e{i}"), "parameters": {"weight": w, "density": density}}
+                      for i, w in enumerate((0.6, 0.8))]}
+    out = load_dir(merge(cfg, tmp_path, "model", chunk_rows=1))
+    names = ["a.weight", "b.weight"]
+    # dense reference, written from the definition
+    deltas, masks = [], []
+    for e in experts:
+        flat = torch.cat([(e[n] - base[n]).flatten() for n in names])
+        k = max(1, int(density * flat.numel()))
+        keep = torch.zeros(flat.numel(), dtype=torch.bool)
+        keep[flat.abs().argsort(descending=True, stable=True)[:k]] = True
+        deltas.append(flat)
+        masks.append(keep)
+    d = torch.stack(deltas) * torch.stack(masks)
+    w = torch.tensor([0.6, 0.8]).unsqueeze(1)
+    d = d * w
+    majority = torch.where(d.sum(0) >= 0, 1.0, -1.0)
+    agree = d.sign() == majority
+    mixed = (d * agree).sum(0) / torch.where((w * agree).sum(0) == 0, 1.0, (w * agree).sum(0))
+    start = 0
+    for n in names:
+        size = base[n].numel()
+        expect = base[n] + mixed[start:start + size].reshape(base[n].shape)
+        torch.testing.assert_close(out[n], expect, rtol=1e-6, atol=1e-6)
+        start += size
+    kept_a = int(masks[0][: base["a.weight"].numel()].sum())
+    assert kept_a > density * base["a.weight"].numel()  # the big-delta tensor keeps more than its share
+    per_tensor = load_dir(merge(cfg | {"parameters": {"scope": "tensor"}}, tmp_path, "tensor"))
+    assert not torch.equal(per_tensor["b.weight"], out["b.weight"])
+
+
+def test_model_scope_needs_one_density_per_model(tiny_family, tmp_path):
+    base, experts = tiny_family
+    cfg = family_config("ties", base, experts) | {"parameters": {"scope": "model"}}
+    cfg["models"][0]["parameters"]["density"] = [0.2, 0.8]
+    with pytest.raises(ConfigError, match="one density"):
+        check(write_yaml(tmp_path / "c.yml", cfg), RunOptions(max_memory=2 << 30))
