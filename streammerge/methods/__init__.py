@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .registry import METHODS, MethodSpec, ModelPass, Param, Reduce, TensorJob, get_method
 
-FAMILIES = ("basic", "task_vectors")
+FAMILIES = ("basic", "task_vectors", "spherical", "stock", "widen", "selective")
 
 
 def load_all() -> dict[str, MethodSpec]:

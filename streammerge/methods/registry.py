@@ -49,6 +49,7 @@ class TensorJob:
     seed: int
     kind: str = "other"                   # "embedding", "lm_head", "layer", "other"
     row_elems: int = 1
+    single_band: bool = False             # every pass runs on one in-memory band (no re-read)
 
     @classmethod
     def from_plan(cls, t: "TensorPlan", seed: int) -> "TensorJob":
@@ -56,7 +57,8 @@ class TensorJob:
 
         return cls(name=t.name, shape=t.shape, rows=t.rows, compute_dtype=DTYPES[t.compute_dtype][0], base=t.base,
                    params=dict(t.params), model_params=tuple(dict(m) for m in t.model_params),
-                   model_ids=tuple(s.model for s in t.inputs), seed=seed, kind=t.kind, row_elems=t.row_elems)
+                   model_ids=tuple(s.model for s in t.inputs), seed=seed, kind=t.kind, row_elems=t.row_elems,
+                   single_band=t.rows_per_chunk >= t.rows)
 
     @property
     def numel(self) -> int:

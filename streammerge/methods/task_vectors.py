@@ -121,10 +121,10 @@ def _magnitude_reduces(job: TensorJob, kind: str, rescale: bool) -> tuple[Reduce
             ths = [f.threshold_for(k) for k in f.ks]
             state["eq"][j].append(torch.stack([(key == th.bits).sum(dim=1) for th in ths]))
             if rescale:
-                mag = flat.abs().double()
-                state["l1"][j].extend(mag.sum(dim=1).tolist())
+                mag = flat.abs()
+                state["l1"][j].extend(mag.sum(dim=1, dtype=torch.float64).tolist())
                 above = key > ths[0].bits
-                state["kept"][j].extend(torch.where(above, mag, 0).sum(dim=1).tolist())
+                state["kept"][j].extend(torch.where(above, mag, 0).sum(dim=1, dtype=torch.float64).tolist())
 
     def count_merge(into: dict, other: dict) -> None:
         for key in into:
@@ -235,9 +235,10 @@ def _model_pass(kind: str) -> ModelPass:
             ths = [f.threshold_for(k) for k in f.ks]
             state["eq"].setdefault((index, j), []).append(torch.stack([(key == th.bits).sum(dim=1) for th in ths]))
             if job.params["rescale"]:
-                mag = flat.abs().double()
-                state["l1"].setdefault((index, j), []).extend(mag.sum(dim=1).tolist())
-                state["kept"].setdefault((index, j), []).extend(torch.where(key > ths[0].bits, mag, 0).sum(dim=1).tolist())
+                mag = flat.abs()
+                state["l1"].setdefault((index, j), []).extend(mag.sum(dim=1, dtype=torch.float64).tolist())
+                state["kept"].setdefault((index, j), []).extend(
+                    torch.where(key > ths[0].bits, mag, 0).sum(dim=1, dtype=torch.float64).tolist())
 
     def end_sweep(state: dict, sweep: int) -> None:
         if sweep < state["hist_sweeps"]:
@@ -327,22 +328,25 @@ def _bernoulli_masks(job: TensorJob, d: torch.Tensor, row0: int, kind: str) -> t
 
 def _bernoulli_reduces(job: TensorJob, kind: str) -> tuple[Reduce, ...]:
     def init(job):
-        return {"l1": [], "kept": []}
+        return {"l1": [], "kept": [], "masks": {}}
 
     def update(state, job, chunks, row0):
         _, _, d = _deltas(job, chunks)
         mask = _bernoulli_masks(job, d, row0, kind)
         k = d.shape[0]
-        mag = d.reshape(k, d.shape[1] if d.dim() >= 3 else 1, -1).abs().double()
-        state["l1"].append(mag.sum(dim=2))
+        mag = d.reshape(k, d.shape[1] if d.dim() >= 3 else 1, -1).abs()
+        state["l1"].append(mag.sum(dim=2, dtype=torch.float64))
         if mask is not None:
-            state["kept"].append((mag * mask.reshape(mag.shape)).sum(dim=2))
+            state["kept"].append(torch.where(mask.reshape(mag.shape), mag, 0).sum(dim=2, dtype=torch.float64))
+            if job.single_band:  # the map runs on this same band next: keep its mask instead of drawing again
+                state["masks"][(row0, d.shape[1] if d.dim() >= 2 else 0)] = mask
         else:
-            state["kept"].append(mag.sum(dim=2))
+            state["kept"].append(mag.sum(dim=2, dtype=torch.float64))
 
     def merge(into, other):
         into["l1"].extend(other["l1"])
         into["kept"].extend(other["kept"])
+        into["masks"].update(other["masks"])
 
     def finish(state, job, stats):
         l1 = torch.cat(state["l1"], dim=1) if state["l1"] else torch.zeros(0, 0, dtype=torch.float64)
@@ -351,7 +355,7 @@ def _bernoulli_reduces(job: TensorJob, kind: str) -> tuple[Reduce, ...]:
         for j in range(l1.shape[0]):
             total, part = math.fsum(l1[j].tolist()), math.fsum(kept[j].tolist())
             scale.append(total / part if total >= RESCALE_EPS and part >= RESCALE_EPS else 1.0)
-        return {"scale": scale}
+        return {"scale": scale, "masks": state["masks"]}
 
     return (Reduce(init, update, finish, merge),)
 
@@ -404,7 +408,10 @@ def _make(name: str, sparsify: str | None, consensus: bool, normalize: bool, res
             mask = _magnitude_masks(job, d, stats[-1], row0, sparsify)
             scale = stats[-1]["scale"] if job.params["rescale"] else None
         elif sparsify in ("random", "della"):
-            mask = _bernoulli_masks(job, d, row0, sparsify)
+            cached = stats[-1].get("masks", {}) if stats else {}
+            mask = cached.pop((row0, d.shape[1] if d.dim() >= 2 else 0), None)
+            if mask is None:
+                mask = _bernoulli_masks(job, d, row0, sparsify)
             if job.params["rescale"]:
                 if job.params["rescale_mode"] == "l1":
                     scale = stats[-1]["scale"]

@@ -123,7 +123,7 @@ class Planner:
             lo, hi = spec.min_models, spec.max_models
             if n < lo or (hi is not None and n > hi):
                 want = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
-                extra = " besides the base" if spec.base != "ignored" else ""
+                extra = " besides the base" if spec.base != "ignored" and sl.base is not None else ""
                 raise ConfigError(f"{where}: method {spec.name!r} takes {want} model(s){extra}, got {n}")
 
     # -- parameters ---------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ class Planner:
                 crop = self._common_shape(out_name, kind, infos, [r for r, _ in ins])
             shape = crop or infos[0].shape
             compute = self._compute_dtype(infos)
-            out_dtype = CODE_OF_NAME[self.config.out_dtype] if self.config.out_dtype else compute
+            out_dtype = CODE_OF_NAME[self.config.out_dtype] if self.config.out_dtype else self._result_dtype(compute)
             base_idx = next((j for j, (r, _) in enumerate(ins) if r == sl.base), None) if sl.base else None
             where = out_name
             params = tuple((p.name, self._resolve(p, self._scopes(sl, None), out_name, t, where))
@@ -292,6 +292,13 @@ class Planner:
             warnings=tuple(self.warnings),
             model_sweeps=sweeps,
         )
+
+    def _result_dtype(self, compute: str) -> str:
+        """Without out_dtype, tensors are written in the dtype the method returns (mergekit's rule)."""
+        if self.spec.result_dtype is None:
+            return compute
+        dt = self.spec.result_dtype(DTYPES[compute][0])
+        return {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}[dt]
 
     def _compute_dtype(self, infos: list[TensorInfo]) -> str:
         if self.config.dtype:

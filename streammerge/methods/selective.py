@@ -1,0 +1,276 @@
+"""sce and arcee_fusion: methods that keep the elements a whole-tensor statistic selects.
+
+sce (mergekit 0.1.5, loaded dtype throughout): with `select_topk` < 1, only the elements whose
+variance across the task vectors is among the top `select_topk` fraction of the nonzero variances
+take part. The k-th largest variance comes from the exact bit-pattern histogram of
+`streammerge.kernels.threshold` (one pass for bf16/fp16; fp32 and fp64 first count the nonzero
+variances, then narrow the histogram in refine passes). Exactly k elements are kept: every one above
+the threshold and the first tied ones in flat order (mergekit's `torch.topk` picks tied elements in
+an unspecified order). A last reduce pass then sums each model's kept squares (the weights) and counts,
+per row, the tied elements kept before it, so that the map needs no state. Passes: bf16/fp16 2 + map,
+fp32 4 + map, fp64 6 + map; with `select_topk` 1 (the default) one reduce pass for the weights.
+
+arcee_fusion: importance |f − b|·KL(softmax f ‖ softmax b) per row, threshold median + 1.5·IQR of
+the importances, keep the model's change where importance ≥ threshold; fp32 result like mergekit's.
+Quantiles are exact (all importances are kept and sorted: at most 10^6 values). Above 10^6 elements
+mergekit samples 10^6 of them with replacement from the global torch RNG; we sample the same number
+from the counter-based Philox stream of (seed, model, tensor), so the result is reproducible but
+agrees with mergekit only statistically.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.philox import philox_words, stream_id
+from ..kernels.threshold import KthMagnitude, Threshold, topk_mask
+from ._stats import ExactSum, as_rows, chained, model_sum, nonbase, promote_fp32, rowwise, scalar, segment_sums
+from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
+
+_THRESHOLD_PASSES = {torch.bfloat16: 1, torch.float16: 1, torch.float32: 2, torch.float64: 4}
+
+
+# -- sce --------------------------------------------------------------------------------------------
+
+def _task_vectors(job: TensorJob, chunks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    base = chunks[job.base]
+    return base, torch.stack([x - base for x in nonbase(job, chunks)])
+
+
+def _variance(tv: torch.Tensor) -> torch.Tensor:
+    return torch.var(tv, dim=0, unbiased=False)
+
+
+def _topk(job: TensorJob) -> float:
+    return float(job.params["select_topk"])
+
+
+def _selecting(job: TensorJob) -> bool:
+    return 0 < _topk(job) < 1 and len(job.model_params) > 1
+
+
+class _Select:
+    """What the threshold passes hand on: the finder, and the count of nonzero variances."""
+
+    def __init__(self, job: TensorJob) -> None:
+        self.nonzero = 0
+        self.finder: KthMagnitude | None = None
+        self.dtype = job.compute_dtype
+        self.n = job.numel
+
+    def k(self, topk: float) -> int:
+        # mergekit: int(count_nonzero(var) * density), the product taken in fp32
+        return int(torch.tensor(self.nonzero) * topk)
+
+
+def _count_stage(job: TensorJob) -> tuple:
+    """fp32/fp64 refine passes follow the bin of a rank declared up front: count nonzero variances first."""
+    def init(job: TensorJob, done: list) -> _Select:
+        return _Select(job)
+
+    def update(state: _Select, job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
+        state.nonzero += int(torch.count_nonzero(_variance(_task_vectors(job, chunks)[1])))
+
+    def merge(into: _Select, other: _Select) -> None:
+        into.nonzero += other.nonzero
+
+    return init, update, lambda state, job, stats: state, merge
+
+
+def _histogram_stage(p: int, one_pass: bool) -> tuple:
+    def init(job: TensorJob, done: list) -> _Select:
+        sel = done[-1] if done else _Select(job)
+        if sel.finder is None and not one_pass:
+            sel.finder = KthMagnitude(sel.dtype, sel.n, sel.k(_topk(job)))
+        elif sel.finder is None:
+            sel.finder = KthMagnitude(sel.dtype, sel.n, 0)   # one pass answers any k afterwards
+        return sel
+
+    def update(state: _Select, job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
+        var = _variance(_task_vectors(job, chunks)[1])
+        if one_pass:
+            state.nonzero += int(torch.count_nonzero(var))
+        state.finder.update(var, p)
+
+    def finish(state: _Select, job: TensorJob, stats: Sequence[Any]) -> _Select:
+        state.finder.finish_pass(p)
+        return state
+
+    return init, update, finish, None
+
+
+def _weights_stage() -> tuple:
+    """Kept squares per model, and per row the number of tied elements in earlier rows."""
+    def init(job: TensorJob, done: list) -> dict[str, Any]:
+        sel = done[-1] if done else None
+        th = sel.finder.threshold_for(sel.k(_topk(job))) if sel is not None else None
+        k = len(job.model_params) - 1
+        return {"th": th, "sq": [ExactSum() for _ in range(k)], "equal": [0]}
+
+    def update(state: dict[str, Any], job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
+        _, tv = _task_vectors(job, chunks)
+        th: Threshold | None = state["th"]
+        if th is not None:
+            var = _variance(tv)
+            rows = as_rows(var)
+            mask, _ = topk_mask(var, th, state["equal"][-1])
+            for n in _keys(rows).eq(th.bits).sum(dim=1).tolist():
+                state["equal"].append(state["equal"][-1] + n)
+            tv = tv * mask.to(tv.dtype)
+        elif _topk(job) <= 0:
+            tv = tv * 0
+        for acc, t in zip(state["sq"], tv):
+            acc.add(segment_sums(as_rows(t.square()).double()).tolist())
+
+    def finish(state: dict[str, Any], job: TensorJob, stats: Sequence[Any]) -> dict[str, Any]:
+        dt = job.compute_dtype
+        means = torch.stack([scalar(acc.value / job.numel, dt) for acc in state["sq"]])
+        total = torch.sum(means).item()
+        weights = torch.ones_like(means) / means.shape[0] if abs(total) < 1e-6 else means / total
+        return {"th": state["th"], "equal": torch.tensor(state["equal"], dtype=torch.int64), "weights": weights}
+
+    return init, update, finish, None
+
+
+_KEYS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float16: (torch.int16, 0x7FFF),
+         torch.float32: (torch.int32, 0x7FFFFFFF), torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF)}
+
+
+def _keys(x: torch.Tensor) -> torch.Tensor:
+    """|x| as the threshold kernel's integer keys (the bit pattern without the sign bit)."""
+    int_dtype, mask = _KEYS[x.dtype]
+    return x.contiguous().view(int_dtype) & mask
+
+
+def _sce_reduces(job: TensorJob) -> tuple[Reduce, ...]:
+    if len(job.model_params) == 1:
+        return ()
+    if not _selecting(job):
+        return chained(_weights_stage())
+    passes = _THRESHOLD_PASSES[job.compute_dtype]
+    stages = [] if passes == 1 else [_count_stage(job)]
+    stages += [_histogram_stage(p, passes == 1) for p in range(passes)]
+    return chained(*stages, _weights_stage())
+
+
+def _sce_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
+    if len(chunks) == 1:
+        return chunks[0]
+    st = stats[-1]
+    base, tv = _task_vectors(job, chunks)
+    mask_dtype = torch.int8 if job.params["int8_mask"] else base.dtype
+    if st["th"] is not None:
+        keep, _ = topk_mask(_variance(tv), st["th"], int(st["equal"][row0]) if base.dim() >= 2 else 0)
+        tv = tv * keep.to(mask_dtype).unsqueeze(0)
+    elif _topk(job) <= 0:
+        tv = tv * torch.zeros((), dtype=mask_dtype, device=tv.device)
+    sign = tv.sign().to(mask_dtype)
+    majority = (model_sum(tv) >= 0).to(mask_dtype) * 2 - 1
+    erase = sign == majority
+    weights = st["weights"].to(tv.device).view(-1, *([1] * base.dim()))
+    erased = weights * erase
+    merged = model_sum(tv * erased)
+    return base + merged / model_sum(erased).clamp(min=1e-6)
+
+
+SCE = MethodSpec(
+    name="sce",
+    map=_sce_map,
+    reduce_plan=_sce_reduces,
+    params=(
+        Param("select_topk", 1.0, check=in_range(0, 1),
+              doc="fraction of the elements, by variance across the task vectors, that take part"),
+        Param("int8_mask", False, kind="bool", doc="int8 masks (memory only; the result is the same)"),
+    ),
+    base="required",
+    min_models=0,
+    description="Select, Calculate, Erase: keeps high-variance elements, weights each task vector by its mean "
+                "square, and erases minority signs",
+    paper="https://arxiv.org/abs/2408.07990",
+)
+
+
+# -- arcee_fusion -----------------------------------------------------------------------------------
+
+_SAMPLE = 1_000_000
+_QUANTILES = (0.25, 0.5, 0.75)
+
+
+def _importance(f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    diff = (f - b).abs()
+    p = F.softmax(f, dim=-1) + 1e-8
+    q = F.softmax(b, dim=-1) + 1e-8
+    return diff * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+
+
+def _pair(job: TensorJob, chunks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    (f,) = nonbase(job, chunks)
+    return chunks[job.base], f
+
+
+def sample_positions(seed: int, stream: int, n: int, count: int = _SAMPLE) -> torch.Tensor:
+    """`count` flat positions in [0, n), uniform with replacement, from 53 random bits each; sorted."""
+    words = philox_words(seed, stream, 0, 2 * count).view(count, 2)
+    u = (((words[:, 0] >> 11) << 32) | words[:, 1]).double() * 2.0 ** -53   # exact: 53 bits
+    return (u * n).floor().long().clamp_(max=n - 1).sort().values
+
+
+def _fusion_reduces(job: TensorJob) -> tuple[Reduce, ...]:
+    sampled = job.numel > _SAMPLE
+    cache: dict[str, torch.Tensor] = {}
+    lock = threading.Lock()
+
+    def positions() -> torch.Tensor:
+        with lock:
+            if "pos" not in cache:
+                model = job.model_ids[next(i for i in range(len(job.model_ids)) if i != job.base)]
+                cache["pos"] = sample_positions(job.seed % (1 << 64), stream_id(model, job.name), job.numel)
+            return cache["pos"]
+
+    def init(job: TensorJob) -> list[torch.Tensor]:
+        return []
+
+    def update(state: list[torch.Tensor], job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
+        b, f = _pair(job, chunks)
+        imp = rowwise(_importance, f, b).reshape(-1)
+        if sampled:
+            start = row0 * job.row_elems
+            pos = positions()
+            lo, hi = torch.searchsorted(pos, torch.tensor([start, start + imp.numel()])).tolist()
+            imp = imp[pos[lo:hi] - start]
+        state.append(imp.cpu())
+
+    def finish(state: list[torch.Tensor], job: TensorJob, stats: Sequence[Any]) -> torch.Tensor:
+        values = torch.sort(torch.cat(state)).values
+        idx = (torch.tensor(_QUANTILES) * (values.numel() - 1)).long()
+        q1, median, q3 = values[idx]
+        return median + 1.5 * (q3 - q1)
+
+    return (Reduce(init, update, finish, merge=lambda into, other: into.extend(other)),)
+
+
+def _fusion_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
+    b, f = _pair(job, chunks)
+    imp = rowwise(_importance, f, b)
+    mask = (imp >= stats[0].to(imp.device)).float()
+    return b + (f - b) * mask
+
+
+ARCEE_FUSION = MethodSpec(
+    name="arcee_fusion",
+    map=_fusion_map,
+    reduce_plan=_fusion_reduces,
+    base="required",
+    min_models=1,
+    max_models=1,
+    result_dtype=promote_fp32,
+    description="takes the other model's changes only where their importance (|change| × KL divergence of the "
+                "rows' softmax) is an outlier above median + 1.5·IQR; returns fp32, as mergekit does",
+    paper="https://arcee.ai",
+)
+
+SPECS = (SCE, ARCEE_FUSION)
