@@ -7,7 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
@@ -58,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--out", default=None, help="keep the demo folder here (default: a temporary folder)")
     pd.add_argument("--method", default="linear", help="method for the demo merge (default: linear)")
     pd.add_argument("--no-progress", action="store_true")
+    pb = sub.add_parser("bench", help="merge synthetic checkpoints and print the per-shard throughput")
+    pb.add_argument("--preset", default="small", help="tiny, small or 1b (default: small)")
+    pb.add_argument("--method", default="linear", help="linear, task_arithmetic, slerp or passthrough (default: linear)")
+    pb.add_argument("--data", default=None, help="keep (and reuse) the synthetic inputs here (default: a temporary folder)")
+    pb.add_argument("--report", default=None, metavar="FILE.json", help="write the run report as JSON")
+    _common(pb)
     ps = sub.add_parser("synth", help="write seeded synthetic Llama-shaped checkpoints")
     ps.add_argument("out")
     ps.add_argument("--preset", default="tiny", help="tiny, small or 1b (default: tiny)")
@@ -96,27 +106,75 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     from rich.console import Console
+    from rich.markup import escape
 
     from .errors import StreammergeError
 
     console = Console(stderr=True)
-    try:
-        if args.command == "run":
-            return _cmd_run(args, console)
-        if args.command == "check":
-            return _cmd_check(args, console)
-        if args.command == "demo":
-            return _cmd_demo(args, console)
-        if args.command == "synth":
-            return _cmd_synth(args, console)
-    except StreammergeError as e:
-        console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
-        return EXIT_PROBLEMS
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted.[/yellow] Finished shards are kept; continue with "
-                      "`streammerge run --resume CONFIG OUT`.")
-        return 130
+    with _signals_as_interrupt():  # outside the try: a second signal while we report ends the process
+        try:
+            if args.command == "run":
+                return _cmd_run(args, console)
+            if args.command == "check":
+                return _cmd_check(args, console)
+            if args.command == "demo":
+                return _cmd_demo(args, console)
+            if args.command == "synth":
+                return _cmd_synth(args, console)
+            if args.command == "bench":
+                return _cmd_bench(args, console)
+        except StreammergeError as e:
+            # soft_wrap: a path in the message stays on one line, whatever the terminal width
+            console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+            return EXIT_PROBLEMS
+        except OSError as e:  # disk full, permission denied on the output folder, ...
+            where = f": {e.filename}" if e.filename else ""
+            console.print(f"[red]error:[/red] {escape((e.strerror or str(e)) + where)}", highlight=False, soft_wrap=True)
+            return EXIT_PROBLEMS
+        except KeyboardInterrupt as e:
+            code = 128 + int(getattr(e, "signum", signal.SIGINT))
+            if args.command == "run":
+                again = ["streammerge", *[a for a in argv if a != "--overwrite"]]
+                if "--resume" not in again:
+                    again.append("--resume")
+                console.print(f"[yellow]interrupted.[/yellow] Finished shards are kept; continue with: "
+                              f"{escape(shlex.join(again))}", highlight=False, soft_wrap=True)
+            else:
+                console.print("[yellow]interrupted.[/yellow]", soft_wrap=True)
+            return code
     return EXIT_USAGE
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP, raised in the main thread so that every one stops a run the way Ctrl-C
+    does: the writer finishes the bands in flight, unfinished shards stay `.partial`, `--resume` continues."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once (still resumable)
+    raise _Stopped(signum)
+
+
+@contextlib.contextmanager
+def _signals_as_interrupt():
+    """Handlers only from the main thread (signal.signal refuses others), and only over Python's own
+    defaults (a SIGHUP ignored under nohup stays ignored); restored on the way out, so `main()` called
+    from a library or a test leaves the process as it found it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL, signal.SIGHUP: signal.SIG_DFL}
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig, default in defaults.items()
+                if signal.getsignal(sig) is default}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _cmd_run(args: argparse.Namespace, console) -> int:
@@ -149,6 +207,18 @@ def _cmd_demo(args: argparse.Namespace, console) -> int:
     from .demo import demo
 
     return demo(console, out=Path(args.out) if args.out else None, method=args.method, progress=not args.no_progress)
+
+
+def _cmd_bench(args: argparse.Namespace, console) -> int:
+    from .demo import bench
+
+    report = bench(console, _options(args, overwrite=True, progress=True), args.preset, args.method,
+                   Path(args.data) if args.data else None)
+    if report is None:
+        return EXIT_USAGE
+    if args.report:
+        report.write_json(Path(args.report))
+    return EXIT_OK
 
 
 def _cmd_synth(args: argparse.Namespace, console) -> int:

@@ -79,3 +79,28 @@ def demo(console, out: Path | None = None, method: str = "linear", progress: boo
         if out is None:
             console.print("(temporary folder removed; pass --out DIR to keep it)")
     return 0
+
+
+def bench(console, options, preset: str, method: str, data: Path | None):
+    """Merge a synthetic family of `preset` with `method` and print the per-shard throughput table.
+    For a comparison with mergekit on the same inputs, see scripts/bench_merge.py."""
+    from . import synth
+    from .progress import run_with_progress
+
+    spec = synth.PRESETS.get(preset)
+    template = TEMPLATES.get(method)
+    if spec is None or template is None:
+        console.print(f"[red]error:[/red] presets: {', '.join(synth.PRESETS)}; methods: {', '.join(TEMPLATES)}")
+        return None
+    with tempfile.TemporaryDirectory(prefix="streammerge-bench-") as tmp:
+        root = Path(data) if data else Path(tmp)
+        base, experts = synth.make_family(root / preset, spec, 3, seed=0, reuse=True)
+        cfg = Path(tmp) / "bench.yml"
+        text = template.format(base=base, e0=experts[0], e1=experts[1], e2=experts[2])
+        if method == "passthrough":
+            n = spec.layers
+            text = text.replace("[0, 3]", f"[0, {n}]").replace("[1, 4]", f"[1, {n}]")
+        cfg.write_text(text)
+        report = run_with_progress(cfg, Path(tmp) / "merged", options, console)
+        report.print(console)
+        return report

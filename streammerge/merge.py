@@ -66,6 +66,9 @@ def prepare_out_dir(out: Path, plan: Plan, options: RunOptions) -> None:
             raise OutputError(f"output folder {out} overlaps input model {m}; choose a folder outside every input")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a folder")
+    if options.resume and out.exists() and any(out.iterdir()) and not (out / MANIFEST_DIR / "manifest.json").exists():
+        raise ResumeError(f"--resume: {out} holds files but no {MANIFEST_DIR}/manifest.json, so it was not started by "
+                          "streammerge; run without --resume into an empty folder")
     if out.exists() and any(out.iterdir()) and not options.resume:
         if not options.overwrite:
             raise OutputError(f"output folder {out} exists and is not empty; pass --overwrite to replace it "

@@ -75,11 +75,13 @@ class RunReport:
         total_w = sum(s.bytes_written for s in self.shards)
         console.print(f"read {_fmt(total_r)}, wrote {_fmt(total_w)} in {self.seconds:.2f} s on {self.device}; "
                       f"peak RSS {self.peak_rss / 2**30:.2f} GiB (budget {self.budget / 2**30:.2f} GiB)")
+        from rich.markup import escape
+
         for w in self.warnings:
-            console.print(f"[yellow]warning:[/yellow] {w}")
+            console.print(f"[yellow]warning:[/yellow] {escape(w)}", soft_wrap=True)
         if self.nonfinite_tensors:
             console.print(f"[red]NaN or Inf in the output of {len(self.nonfinite_tensors)} tensor(s):[/red] "
-                          + ", ".join(self.nonfinite_tensors[:10]))
+                          + escape(", ".join(self.nonfinite_tensors[:10])), soft_wrap=True)
 
 
 def _fmt(n: int) -> str:

@@ -57,3 +57,13 @@ def test_demo_runs(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     assert (tmp_path / "demo" / "merged" / "config.json").exists()
     assert "merged model" in capsys.readouterr().err
+
+
+def test_bench_prints_per_shard_throughput(tmp_path, capsys):
+    report = tmp_path / "b.json"
+    assert main(["bench", "--preset", "tiny", "--data", str(tmp_path / "data"), "--report", str(report),
+                 "--max-memory", "1GiB"]) == 0
+    doc = json.loads(report.read_text())
+    assert doc["bytes_read"] > doc["bytes_written"] > 0
+    assert "GB/s" in capsys.readouterr().err
+    assert main(["bench", "--preset", "huge"]) == 2

@@ -95,6 +95,17 @@ def _fail(path: Path, what: str, fix: str = "re-download or re-export this file"
     return CheckpointError(f"{path}: {what}; {fix}")
 
 
+def _short(value: object, limit: int = 80) -> str:
+    """repr() for a message: a hostile header can hold megabytes in one name or shape."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _count(n: int) -> str:
+    # str() of an int over 4300 digits raises ValueError (Python >= 3.11); a product of huge dims can be one.
+    return str(n) if n.bit_length() < 128 else f"more than 2^{n.bit_length() - 1}"
+
+
 def parse_header_bytes(path: Path, prefix: bytes, file_size: int) -> Header:
     """Validate a header given the file's first 8+N bytes and its size (pure: used by the fuzz tests)."""
     if file_size < 8 or len(prefix) < 8:
@@ -109,8 +120,10 @@ def parse_header_bytes(path: Path, prefix: bytes, file_size: int) -> Header:
         raise _fail(path, f"header truncated: expected {n} bytes, got {len(raw)}")
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(path, f"header is not valid JSON ({e})") from None
+    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError, ints over Python's digit limit
+        raise _fail(path, f"header is not valid JSON ({_short(str(e), 200)})") from None
+    except RecursionError:
+        raise _fail(path, "header JSON is nested too deeply to be safetensors") from None
     if not isinstance(doc, dict):
         raise _fail(path, f"header must be a JSON object, got {type(doc).__name__}")
     data_start = 8 + n
@@ -122,31 +135,32 @@ def parse_header_bytes(path: Path, prefix: bytes, file_size: int) -> Header:
         raise _fail(path, "__metadata__ must map strings to strings")
     tensors: dict[str, TensorInfo] = {}
     for name, entry in doc.items():
-        where = f"tensor {name!r}"
+        where = f"tensor {_short(name)}"
         if not isinstance(entry, dict):
             raise _fail(path, f"{where}: entry must be an object")
         dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
-            raise _fail(path, f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})",
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise _fail(path, f"{where}: unknown dtype {_short(dtype)} (known: {', '.join(DTYPES)})",
                         "convert the checkpoint to bf16, fp16 or fp32")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise _fail(path, f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+            raise _fail(path, f"{where}: shape must be a list of non-negative integers, got {_short(shape)}")
         if (not isinstance(offs, list) or len(offs) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
-            raise _fail(path, f"{where}: data_offsets must be two integers, got {offs!r}")
+            raise _fail(path, f"{where}: data_offsets must be two integers, got {_short(offs)}")
         b, e = offs
         if not 0 <= b <= e:
-            raise _fail(path, f"{where}: data_offsets {offs} are not ordered non-negative offsets")
+            raise _fail(path, f"{where}: data_offsets {_short(offs)} are not ordered non-negative offsets")
         expected = math.prod(shape) * DTYPES[dtype][1]
         if e - b != expected:
-            raise _fail(path, f"{where}: data_offsets span {e - b} bytes but shape {shape} in {dtype} needs {expected}")
+            raise _fail(path, f"{where}: data_offsets span {e - b} bytes but shape {_short(shape)} in {dtype} "
+                              f"needs {_count(expected)}")
         if e > data_len:
             raise _fail(path, f"{where}: data ends at byte {e} of a {data_len}-byte data region: file truncated")
         tensors[name] = TensorInfo(name, dtype, tuple(shape), data_start + b, data_start + e, path)
     spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
     for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise _fail(path, f"tensors {n0!r} and {n1!r} overlap in the data region")
+            raise _fail(path, f"tensors {_short(n0)} and {_short(n1)} overlap in the data region")
     return Header(path, tensors, metadata, data_start, file_size)
 
 
@@ -167,4 +181,6 @@ def read_header(path: str | os.PathLike) -> Header:
         raise CheckpointError(f"{path}: is a directory, expected a .safetensors file") from None
     except PermissionError:
         raise CheckpointError(f"{path}: permission denied; make the file readable") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}); check the disk and the path") from None
     return parse_header_bytes(path, head, size)

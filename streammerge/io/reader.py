@@ -34,10 +34,13 @@ class ModelFiles:
 
 def _load_json(path: Path) -> dict:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             doc = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); fix or re-download it") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too deep, digit limit
+        raise CheckpointError(f"{path}: not valid JSON ({str(e)[:200] or type(e).__name__}); "
+                              "fix or re-download it") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(doc, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return doc
@@ -61,6 +64,10 @@ def open_model(path: str | os.PathLike) -> ModelFiles:
         weight_map = doc.get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: missing 'weight_map'; re-export the checkpoint")
+        for fname in weight_map.values():
+            if not isinstance(fname, str) or fname in ("", ".", "..") or Path(fname).name != fname:
+                raise CheckpointError(f"{index}: weight_map names shard {str(fname)[:80]!r}, which is not a file "
+                                      f"name inside {path}; re-export the checkpoint")
         tensors: dict[str, TensorInfo] = {}
         files = sorted(set(weight_map.values()))
         for fname in files:
@@ -87,7 +94,11 @@ def open_model(path: str | os.PathLike) -> ModelFiles:
     if others:
         tensors = {}
         for f in others:
-            tensors.update(read_header(f).tensors)
+            for name, info in read_header(f).tensors.items():
+                if name in tensors:
+                    raise CheckpointError(f"{path}: tensor {name!r} is in both {tensors[name].file.name} and {f.name} "
+                                          f"and there is no {INDEX_NAME} to say which is meant; remove the stray file")
+                tensors[name] = info
         return ModelFiles(path, tensors, config, others)
     bins = sorted(path.glob("pytorch_model*.bin"))
     if bins:

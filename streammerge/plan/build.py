@@ -286,7 +286,8 @@ class Planner:
             tensors=tuple(tensors), shards=tuple(shards), budget=budget, baseline_rss=baseline,
             peak_estimate=baseline + budget_mod.ALLOCATOR_SLACK + peak, seed=self.options.seed,
             out_layers=out_layer,
-            out_config=_out_config(self.models[ref_name].config, out_layer, out_dtype_name, ref_arch),
+            out_config=_out_config(self.models[ref_name].config, out_layer, out_dtype_name, ref_arch,
+                                   _embedding_rows(tensors, ref_arch)),
             reference_model=model_index[ref_name],
             tokenizer_model=self._tokenizer_model(model_index, ref_name),
             warnings=tuple(self.warnings),
@@ -340,10 +341,18 @@ def _with_shard(t: TensorPlan, shard: int) -> TensorPlan:
     return replace(t, shard=shard)
 
 
-def _out_config(config: dict | None, layers: int, dtype: str | None, arch: Arch) -> dict | None:
+def _embedding_rows(tensors: list[TensorPlan], arch: Arch) -> int | None:
+    """The output vocabulary: the input embedding's rows (smaller than config.json's when cropped)."""
+    name = arch.embed_name()
+    return next((t.shape[0] for t in tensors if t.name == name and len(t.shape) == 2), None)
+
+
+def _out_config(config: dict | None, layers: int, dtype: str | None, arch: Arch, vocab: int | None = None) -> dict | None:
     if config is None:
         return None
     out = dict(config)
+    if vocab is not None and isinstance(out.get("vocab_size"), int) and out["vocab_size"] > vocab:
+        out["vocab_size"] = vocab
     for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
         if key in out and isinstance(out[key], int) and arch.num_layers:
             out[key] = layers
