@@ -36,6 +36,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted merge into OUT")
     p.add_argument("--report", default=None, metavar="FILE.json", help="write the run report as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-fsync", action="store_true",
+                   help="skip fsync before each shard's rename: faster, still safe if the process is killed, "
+                        "not if the machine loses power")
     p.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", default=True,
                    help="copy tokenizer files (default)")
     p.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false")
@@ -186,7 +189,7 @@ def _cmd_run(args: argparse.Namespace, console) -> int:
         torch.set_num_threads(args.num_threads)
     options = _options(args, overwrite=args.overwrite, resume=args.resume, copy_tokenizer=args.copy_tokenizer,
                        write_model_card=args.write_model_card, allow_crimes=args.allow_crimes,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, fsync=not args.no_fsync)
     report = run_with_progress(args.config, args.out, options, console)
     report.print(console)
     if args.report:

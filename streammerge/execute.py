@@ -104,7 +104,8 @@ def _aligned(n: int) -> int:
 class Executor:
     def __init__(self, plan: Plan, out_dir: Path, device: torch.device, prefetch: int = 2,
                  skip_shards: frozenset[int] = frozenset(), on_progress: Callable[[int], None] | None = None,
-                 on_shard_done: Callable[[int, ShardStats], None] | None = None, check_nonfinite: bool = True):
+                 on_shard_done: Callable[[int, ShardStats], None] | None = None, check_nonfinite: bool = True,
+                 durable: bool = True):
         self.plan = plan
         self.out_dir = out_dir
         self.device = device
@@ -113,6 +114,7 @@ class Executor:
         self.on_progress = on_progress or (lambda n: None)
         self.on_shard_done = on_shard_done or (lambda i, s: None)
         self.check_nonfinite = check_nonfinite
+        self.durable = durable
         self.spec = get_method(plan.method)
         self.stats = [ShardStats(s.filename) for s in plan.shards]
         self.error: BaseException | None = None
@@ -191,7 +193,7 @@ class Executor:
                 if w is None:
                     sp = self.plan.shards[shard]
                     outs = [OutTensor(n, tensors[n].out_dtype, tensors[n].shape) for n in sp.tensors]
-                    w = writers[shard] = ShardWriter(self.out_dir / sp.filename, outs, {"format": "pt"})
+                    w = writers[shard] = ShardWriter(self.out_dir / sp.filename, outs, {"format": "pt"}, self.durable)
                 n = w.write(name, offset, data)
                 if out_slot is not None:
                     self.out_pool.free.put(out_slot)

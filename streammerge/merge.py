@@ -129,7 +129,8 @@ def run(config_path: str | os.PathLike, out: str | os.PathLike, options: RunOpti
 
     from .execute import Executor
 
-    executor = Executor(plan, out, device, options.prefetch, skip, on_progress, shard_done, options.check_nonfinite)
+    executor = Executor(plan, out, device, options.prefetch, skip, on_progress, shard_done, options.check_nonfinite,
+                        options.fsync)
     result = executor.run()
     _finish_folder(out, plan, config, config_path, options)
     shards = [ShardReport(s.filename, s.bytes_read, s.bytes_written, s.seconds, skipped=i in skip)

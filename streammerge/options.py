@@ -51,6 +51,7 @@ class RunOptions:
     write_model_card: bool = True
     progress: bool = True
     check_nonfinite: bool = True
+    fsync: bool = True                 # durable shards (power-loss safe); atomic renames need no fsync
 
     def budget(self) -> int:
         return self.max_memory or default_max_memory()

@@ -67,3 +67,13 @@ def test_bench_prints_per_shard_throughput(tmp_path, capsys):
     assert doc["bytes_read"] > doc["bytes_written"] > 0
     assert "GB/s" in capsys.readouterr().err
     assert main(["bench", "--preset", "huge"]) == 2
+
+
+def test_no_fsync_writes_the_same_bytes(tiny_family, tmp_path):
+    from conftest import shard_bytes
+
+    base, experts = tiny_family
+    cfg = write_yaml(tmp_path / "c.yml", config_for("linear", base, experts))
+    assert main(["run", str(cfg), str(tmp_path / "a"), "--no-progress"]) == 0
+    assert main(["run", str(cfg), str(tmp_path / "b"), "--no-progress", "--no-fsync"]) == 0
+    assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")

@@ -81,11 +81,13 @@ class ShardWriter:
     """One output shard being written. Not thread-safe per tensor range, but pwrite of disjoint ranges
     from several threads is fine."""
 
-    def __init__(self, final_path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None):
+    def __init__(self, final_path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None,
+                 durable: bool = True):
         self.final_path = Path(final_path)
         self.tmp_path = self.final_path.with_name(self.final_path.name + ".partial")
         self.header, self.offsets = build_header(tensors, metadata)
         self.size = len(self.header) + sum(t.nbytes for t in tensors)
+        self.durable = durable
         self.fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self.fd, self.size)
         self._unsynced = 0
@@ -107,13 +109,16 @@ class ShardWriter:
         offset = self.offsets[name] + byte_offset
         self._pwrite(buf, offset)
         self._unsynced += buf.nbytes
-        if _SYNC_FILE_RANGE is not None and self._unsynced >= WRITEBACK_BYTES:
+        if self.durable and _SYNC_FILE_RANGE is not None and self._unsynced >= WRITEBACK_BYTES:
             _SYNC_FILE_RANGE(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
             self._unsynced = 0
         return buf.nbytes
 
     def commit(self) -> None:
-        os.fsync(self.fd)
+        """Rename into place; fsync first when durable. Without fsync the rename is still atomic for a
+        killed process (the page cache survives it), only not for a power loss."""
+        if self.durable:
+            os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
         os.replace(self.tmp_path, self.final_path)
