@@ -23,3 +23,12 @@ class OutputError(StreammergeError):
 
 class ResumeError(StreammergeError):
     """A --resume manifest does not match this run."""
+
+
+class ProblemsError(StreammergeError):
+    """Several problems found at once (by `streammerge check` or the checks `run` makes first)."""
+
+    def __init__(self, problems: list[StreammergeError]):
+        self.problems = problems
+        lines = "\n".join(f"  {i}. {str(p).replace(chr(10), chr(10) + '     ')}" for i, p in enumerate(problems, 1))
+        super().__init__(f"{len(problems)} problems found:\n{lines}")

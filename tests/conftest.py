@@ -67,3 +67,9 @@ def merge(config: dict, tmp: Path, name: str = "out", **opts) -> Path:
     out = tmp / name
     run(cfg, out, RunOptions(max_memory=opts.pop("max_memory", 2 << 30), progress=False, overwrite=True, **opts))
     return out
+
+
+def assert_band_invariant(config: dict, tmp: Path) -> None:
+    """Bands of 1 row, 7 rows and whole tensors must give identical output bytes."""
+    outs = [shard_bytes(merge(config, tmp, f"rows{n}", chunk_rows=n)) for n in (1, 7, None)]
+    assert outs[0] == outs[1] == outs[2]

@@ -19,7 +19,9 @@ import torch
 
 from ..arch import Arch, infer_arch
 from ..config import MergeConfig, OutputSlice, SliceSource, evaluate, resolve_model_path
-from ..errors import BudgetError, CheckpointError, ConfigError
+import re
+
+from ..errors import BudgetError, CheckpointError, ConfigError, ProblemsError, StreammergeError
 from ..io.header import DTYPES, FLOAT_CODES, TensorInfo
 from ..io.reader import ModelFiles, open_model
 from dataclasses import replace
@@ -73,19 +75,38 @@ class Planner:
         self.models: dict[str, ModelFiles] = {}
         self.archs: dict[str, Arch] = {}
         self.warnings: list[str] = []
+        self.problems: list[StreammergeError] = []
+        self._problem_kinds: dict[str, int] = {}
 
     # -- models -------------------------------------------------------------------------------------
     def open_models(self) -> None:
-        problems = []
         for ref in self.model_refs:
             try:
                 mf = open_model(resolve_model_path(ref, self.config_dir))
-                self.models[ref] = mf
-                self.archs[ref] = infer_arch(mf)
+                arch = infer_arch(mf)
+                self.models[ref], self.archs[ref] = mf, arch
             except (CheckpointError, ConfigError) as e:
-                problems.append(str(e))
-        if problems:
-            raise CheckpointError("\n".join(problems))
+                self.problem(e)
+
+    def problem(self, e: StreammergeError) -> None:
+        """Collect a problem; the same problem on many tensors is reported once with a count."""
+        kind = _problem_kind(e)
+        if kind in self._problem_kinds:
+            self._problem_kinds[kind] += 1
+            return
+        self._problem_kinds[kind] = 1
+        self.problems.append(e)
+
+    def raise_problems(self) -> None:
+        if not self.problems:
+            return
+        out = []
+        for e in self.problems:
+            more = self._problem_kinds[_problem_kind(e)] - 1
+            out.append(type(e)(f"{e} (and {more} more like it)") if more else e)
+        if len(out) == 1:
+            raise out[0]  # one mistake keeps its own type, however many tensors it touches
+        raise ProblemsError(out)
 
     # -- slices ------------------------------------------------------------------------------------
     def slices(self) -> list[_Slice]:
@@ -176,8 +197,8 @@ class Planner:
                 if key not in known:
                     close = difflib.get_close_matches(key, sorted(known), n=2)
                     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-                    raise ConfigError(f"{where}.{key}: method {self.spec.name!r} has no parameter {key!r}; {hint}"
-                                      f"its parameters: {', '.join(sorted(known)) or '(none)'}")
+                    self.problem(ConfigError(f"{where}.{key}: method {self.spec.name!r} has no parameter {key!r}; {hint}"
+                                             f"its parameters: {', '.join(sorted(known)) or '(none)'}"))
 
     # -- tensors ------------------------------------------------------------------------------------
     def _input(self, ref: str, name: str, out_name: str) -> TensorInfo:
@@ -193,10 +214,17 @@ class Planner:
         return info
 
     def build(self) -> Plan:
+        """Plan the merge, collecting every problem the headers and the config show before raising."""
         self.check_unknown_params()
         self.open_models()
-        slices = self.slices()
-        self.check_contract(slices)
+        if len(self.models) < len(self.model_refs):
+            self.raise_problems()
+        try:
+            slices = self.slices()
+            self.check_contract(slices)
+        except StreammergeError as e:
+            self.problem(e)
+            self.raise_problems()
         ref_name = self.config.base_model or slices[0].sources[0].model
         ref_arch = self.archs[ref_name]
         entries: list[tuple[str, str, list[tuple[str, str]], _Slice, float]] = []
@@ -227,44 +255,64 @@ class Planner:
         tensors: list[TensorPlan] = []
         peak = 0
         for out_name, kind, ins, sl, t in entries:
-            infos = [self._input(ref, name, out_name) for ref, name in ins]
-            shapes = {i.shape for i in infos}
-            crop = None
-            if len(shapes) > 1:
-                crop = self._common_shape(out_name, kind, infos, [r for r, _ in ins])
-            shape = crop or infos[0].shape
-            compute = self._compute_dtype(infos)
-            out_dtype = CODE_OF_NAME[self.config.out_dtype] if self.config.out_dtype else self._result_dtype(compute)
-            base_idx = next((j for j, (r, _) in enumerate(ins) if r == sl.base), None) if sl.base else None
-            where = out_name
-            params = tuple((p.name, self._resolve(p, self._scopes(sl, None), out_name, t, where))
-                           for p in self.spec.params if not p.per_model)
-            mparams = []
-            for j, (ref, in_name) in enumerate(ins):
-                applicable = [p for p in self.spec.params if p.per_model and (j != base_idx or p.base_too)]
-                mparams.append(tuple((p.name, self._resolve(p, self._scopes(sl, ref), in_name, t, f"{ref}: {in_name}"))
-                                     for p in applicable))
-            rows = shape[0] if len(shape) >= 2 else 1
-            row_elems = infos[0].row_elems
-            rpc = budget_mod.rows_per_chunk(out_name, rows, infos, row_elems, compute, out_dtype,
-                                            self.options.prefetch, data_budget, budget, self.options.chunk_rows)
-            peak = max(peak, budget_mod.in_flight(rpc, infos, row_elems, compute, out_dtype, self.options.prefetch))
-            numel = 1
-            for d in shape:
-                numel *= d
-            tensors.append(TensorPlan(
-                name=out_name, shape=tuple(shape), out_dtype=out_dtype, compute_dtype=compute,
-                inputs=tuple(Source(model_index[ref], info, rows if crop else None) for (ref, _), info in zip(ins, infos)),
-                base=base_idx, params=params, model_params=tuple(mparams), kind=kind,
-                passes=1, rows=rows, row_elems=row_elems, rows_per_chunk=rpc, shard=-1,
-                bytes_in=sum(rows * i.row_bytes for i in infos), bytes_out=numel * DTYPES[out_dtype][1],
-            ))
-            job = TensorJob.from_plan(tensors[-1], self.options.seed)
-            tensors[-1] = replace(tensors[-1], passes=len(self.spec.reduces_for(job)) + 1)
-            if self.spec.validate is not None:
-                msg = self.spec.validate(job)
-                if msg:
-                    raise ConfigError(f"{out_name}: {msg}")
+            try:
+                planned = self._plan_tensor(out_name, kind, ins, sl, t, model_index, data_budget, budget)
+            except StreammergeError as e:
+                self.problem(e)
+                continue
+            tensors.append(planned[0])
+            peak = max(peak, planned[1])
+        tokenizer_model = None
+        try:
+            tokenizer_model = self._tokenizer_model(model_index, ref_name)
+        except StreammergeError as e:
+            self.problem(e)
+        self.raise_problems()
+        return self._finish(tensors, peak, budget, baseline, out_layer, ref_name, ref_arch, model_index, tokenizer_model)
+
+    def _plan_tensor(self, out_name: str, kind: str, ins: list[tuple[str, str]], sl: _Slice, t: float,
+                     model_index: dict[str, int], data_budget: int, budget: int) -> tuple[TensorPlan, int]:
+        """One output tensor's plan and the bytes it keeps in flight."""
+        infos = [self._input(ref, name, out_name) for ref, name in ins]
+        crop = None
+        if len({i.shape for i in infos}) > 1:
+            crop = self._common_shape(out_name, kind, infos, [r for r, _ in ins])
+        shape = crop or infos[0].shape
+        compute = self._compute_dtype(infos)
+        out_dtype = CODE_OF_NAME[self.config.out_dtype] if self.config.out_dtype else self._result_dtype(compute)
+        base_idx = next((j for j, (r, _) in enumerate(ins) if r == sl.base), None) if sl.base else None
+        params = tuple((p.name, self._resolve(p, self._scopes(sl, None), out_name, t, out_name))
+                       for p in self.spec.params if not p.per_model)
+        mparams = []
+        for j, (ref, in_name) in enumerate(ins):
+            applicable = [p for p in self.spec.params if p.per_model and (j != base_idx or p.base_too)]
+            mparams.append(tuple((p.name, self._resolve(p, self._scopes(sl, ref), in_name, t, f"{ref}: {in_name}"))
+                                 for p in applicable))
+        rows = shape[0] if len(shape) >= 2 else 1
+        row_elems = infos[0].row_elems
+        rpc = budget_mod.rows_per_chunk(out_name, rows, infos, row_elems, compute, out_dtype,
+                                        self.options.prefetch, data_budget, budget, self.options.chunk_rows)
+        in_flight = budget_mod.in_flight(rpc, infos, row_elems, compute, out_dtype, self.options.prefetch)
+        numel = 1
+        for d in shape:
+            numel *= d
+        plan = TensorPlan(
+            name=out_name, shape=tuple(shape), out_dtype=out_dtype, compute_dtype=compute,
+            inputs=tuple(Source(model_index[ref], info, rows if crop else None) for (ref, _), info in zip(ins, infos)),
+            base=base_idx, params=params, model_params=tuple(mparams), kind=kind,
+            passes=1, rows=rows, row_elems=row_elems, rows_per_chunk=rpc, shard=-1,
+            bytes_in=sum(rows * i.row_bytes for i in infos), bytes_out=numel * DTYPES[out_dtype][1],
+        )
+        job = TensorJob.from_plan(plan, self.options.seed)
+        plan = replace(plan, passes=len(self.spec.reduces_for(job)) + 1)
+        if self.spec.validate is not None:
+            msg = self.spec.validate(job)
+            if msg:
+                raise ConfigError(f"{out_name}: {msg}")
+        return plan, in_flight
+
+    def _finish(self, tensors: list[TensorPlan], peak: int, budget: int, baseline: int, out_layer: int,
+                ref_name: str, ref_arch: Arch, model_index: dict[str, int], tokenizer_model: int | None) -> Plan:
         sweeps = 0
         if self.spec.model_pass is not None:
             jobs = [TensorJob.from_plan(t, self.options.seed) for t in tensors]
@@ -289,7 +337,7 @@ class Planner:
             out_config=_out_config(self.models[ref_name].config, out_layer, out_dtype_name, ref_arch,
                                    _embedding_rows(tensors, ref_arch)),
             reference_model=model_index[ref_name],
-            tokenizer_model=self._tokenizer_model(model_index, ref_name),
+            tokenizer_model=tokenizer_model,
             warnings=tuple(self.warnings),
             model_sweeps=sweeps,
         )
@@ -333,6 +381,11 @@ class Planner:
             return model_index[src]
         raise ConfigError(f"tokenizer_source: {src!r} is not one of the models in this merge; use 'base' or a model path "
                           "that appears under models/slices")
+
+
+def _problem_kind(e: Exception) -> str:
+    """A problem's text with tensor names, quoted values and numbers blanked: one kind per mistake."""
+    return re.sub(r"'[^']*'|\b[\w-]+(?:\.[\w-]+)+\b|\d+", "…", str(e))
 
 
 def _with_shard(t: TensorPlan, shard: int) -> TensorPlan:

@@ -310,3 +310,52 @@ def test_overflow_to_inf_is_reported(tmp_path, capsys):
     assert main(["run", str(cfg), str(tmp_path / "out2"), "--no-progress", "--report", str(json_report)]) == 0
     assert _flat(f"NaN or Inf in the output of 1 tensor(s): {name}") in _flat(capsys.readouterr().err)
     assert json.loads(json_report.read_text())["nonfinite_tensors"] == [name]
+
+
+def test_check_reports_five_different_mistakes_at_once(tmp_path, capsys):
+    """A config mixing five mistakes: all five in one `check`, before any tensor data is read."""
+    import shutil
+
+    from streammerge import synth
+    from streammerge.cli import main as cli_main
+
+    base, experts = synth.make_family(tmp_path / "fam", synth.PRESETS["tiny"], 3, seed=3)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(experts[1], truncated)
+    shard = next(truncated.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    no_shard = tmp_path / "no_shard"
+    shutil.copytree(experts[2], no_shard)
+    (no_shard / "model.safetensors.index.json").write_text(
+        '{"metadata": {}, "weight_map": {"model.norm.weight": "model-00009-of-00009.safetensors"}}')
+    cfg = {"merge_method": "ties", "base_model": str(base), "parameters": {"lamda": 1.0},
+           "models": [{"model": str(experts[0]), "parameters": {"weight": 1.0, "densty": 0.5}},
+                      {"model": str(tmp_path / "nowhere"), "parameters": {"weight": 1.0}},
+                      {"model": str(truncated), "parameters": {"weight": 1.0}},
+                      {"model": str(no_shard), "parameters": {"weight": 1.0}}]}
+    path = tmp_path / "five.yml"
+    path.write_text(__import__("yaml").safe_dump(cfg))
+    assert cli_main(["check", str(path)]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "5 problems found" in err
+    for needle in ("parameters.lamda", "did you mean 'lambda'", "models[0].parameters.densty", "did you mean 'density'",
+                   "nowhere: model path does not exist", "truncated", "model-00009-of-00009.safetensors"):
+        assert needle in err, needle
+    assert "Traceback" not in err
+
+
+def test_the_same_problem_on_many_tensors_is_reported_once(tmp_path):
+    from streammerge import RunOptions, check, synth
+    from streammerge.errors import ProblemsError
+
+    base, experts = synth.make_family(tmp_path / "fam", synth.PRESETS["tiny"], 2, seed=4)
+    cfg = {"merge_method": "linear", "parameters": {"normalize": True},
+           "models": [{"model": str(experts[0])}, {"model": str(experts[1]), "parameters": {"weight": 1.5}}],
+           "tokenizer_source": str(tmp_path / "elsewhere")}
+    path = tmp_path / "c.yml"
+    path.write_text(__import__("yaml").safe_dump(cfg))
+    with pytest.raises(ProblemsError) as e:
+        check(path, RunOptions(max_memory=2 << 30))
+    assert len(e.value.problems) == 2
+    assert "needs parameter 'weight'" in str(e.value) and "more like it" in str(e.value)
+    assert "tokenizer_source" in str(e.value)
