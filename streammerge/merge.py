@@ -79,8 +79,20 @@ def prepare_out_dir(out: Path, plan: Plan, options: RunOptions) -> None:
             raise OutputError(f"output folder {out} holds files that are not a merge output; refusing to delete "
                               "them with --overwrite. Pick an empty or new folder")
         shutil.rmtree(out)
+    _check_free_disk(out, plan, options)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_DIR).mkdir(exist_ok=True)
+
+
+def _check_free_disk(out: Path, plan: Plan, options: RunOptions) -> None:
+    """Refuse before any work when the output's filesystem cannot hold the planned shards."""
+    probe = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    done = sum(s.nbytes for s in plan.shards if (out / s.filename).exists()) if options.resume else 0
+    need = plan.bytes_out - done + (1 << 20)
+    if free < need:
+        raise OutputError(f"output folder {out}: the merge writes {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB "
+                          f"are free on its filesystem; free space or choose another folder")
 
 
 def _load_manifest(out: Path, fingerprint: str, plan: Plan) -> frozenset[int]:

@@ -77,3 +77,16 @@ def test_no_fsync_writes_the_same_bytes(tiny_family, tmp_path):
     assert main(["run", str(cfg), str(tmp_path / "a"), "--no-progress"]) == 0
     assert main(["run", str(cfg), str(tmp_path / "b"), "--no-progress", "--no-fsync"]) == 0
     assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
+
+
+def test_not_enough_free_disk_is_refused_before_writing(tiny_family, tmp_path, capsys, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    base, experts = tiny_family
+    cfg = write_yaml(tmp_path / "c.yml", config_for("linear", base, experts))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    assert main(["run", str(cfg), str(tmp_path / "out"), "--no-progress"]) == 1
+    assert "are free on its filesystem" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
