@@ -294,6 +294,12 @@ def _walk(hist: torch.Tensor, rank: int) -> tuple[int, int, int]:
     return b, int(from_top[j]) - count, count
 
 
+def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
+    """|x| as the integer keys thresholds compare: the bit pattern with the sign cleared (x contiguous)."""
+    lay = _layout(x.dtype)
+    return x.view(lay.int_dtype) & lay.key_mask
+
+
 def topk_mask(
     chunk: torch.Tensor, th: Threshold, equal_seen_before: int = 0
 ) -> tuple[torch.Tensor, int]:

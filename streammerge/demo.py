@@ -44,34 +44,46 @@ parameters:
 # streammerge demo: a frankenmerge stacking layers of two models.
 merge_method: passthrough
 slices:
-  - sources: [{{model: {base}, layer_range: [0, 3]}}]
-  - sources: [{{model: {e0}, layer_range: [1, 4]}}]
+  - sources: [{{model: {base}, layer_range: [0, {last}]}}]
+  - sources: [{{model: {e0}, layer_range: [1, {layers}]}}]
 """,
 }
+
+
+def _config_text(template: str, base: Path, experts: list[Path], layers: int) -> str:
+    return template.format(base=base, e0=experts[0], e1=experts[1], e2=experts[2], last=layers - 1, layers=layers)
+
+
+def _merge(console, cfg: Path, text: str, out: Path, options):
+    """Write the config, merge with a progress bar, print the per-shard table; the run report."""
+    from .progress import run_with_progress
+
+    cfg.write_text(text)
+    report = run_with_progress(cfg, out, options, console)
+    report.print(console)
+    return report
 
 
 def demo(console, out: Path | None = None, method: str = "linear", progress: bool = True) -> int:
     from . import synth
     from .io.reader import open_model
     from .options import RunOptions
-    from .progress import run_with_progress
 
+    template = TEMPLATES.get(method)
+    if template is None:
+        console.print(f"[red]error:[/red] the demo knows {', '.join(TEMPLATES)}; got {method!r}")
+        return 2
     with tempfile.TemporaryDirectory(prefix="streammerge-demo-") as tmp:
         root = Path(out) if out else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         console.print(f"making tiny checkpoints in {root} ...")
-        base, experts = synth.make_family(root / "inputs", synth.PRESETS["tiny"], 3, seed=0)
-        template = TEMPLATES.get(method)
-        if template is None:
-            console.print(f"[red]error:[/red] the demo knows {', '.join(TEMPLATES)}; got {method!r}")
-            return 2
-        text = template.format(base=base, e0=experts[0], e1=experts[1], e2=experts[2])
+        spec = synth.PRESETS["tiny"]
+        base, experts = synth.make_family(root / "inputs", spec, 3, seed=0)
+        text = _config_text(template, base, experts, spec.layers)
         cfg = root / "demo.yml"
-        cfg.write_text(text)
         console.print(f"config {cfg}:\n{text}")
         merged = root / "merged"
-        report = run_with_progress(cfg, merged, RunOptions(max_memory=1 << 30, overwrite=True, progress=progress), console)
-        report.print(console)
+        _merge(console, cfg, text, merged, RunOptions(max_memory=1 << 30, overwrite=True, progress=progress))
         model = open_model(merged)
         console.print(f"[green]merged model[/green] {merged}: {len(model.tensors)} tensors, "
                       f"{sum(t.nbytes for t in model.tensors.values()) / 1e6:.2f} MB; it loads with "
@@ -85,7 +97,6 @@ def bench(console, options, preset: str, method: str, data: Path | None):
     """Merge a synthetic family of `preset` with `method` and print the per-shard throughput table.
     For a comparison with mergekit on the same inputs, see scripts/bench_merge.py."""
     from . import synth
-    from .progress import run_with_progress
 
     spec = synth.PRESETS.get(preset)
     template = TEMPLATES.get(method)
@@ -95,12 +106,5 @@ def bench(console, options, preset: str, method: str, data: Path | None):
     with tempfile.TemporaryDirectory(prefix="streammerge-bench-") as tmp:
         root = Path(data) if data else Path(tmp)
         base, experts = synth.make_family(root / preset, spec, 3, seed=0, reuse=True)
-        cfg = Path(tmp) / "bench.yml"
-        text = template.format(base=base, e0=experts[0], e1=experts[1], e2=experts[2])
-        if method == "passthrough":
-            n = spec.layers
-            text = text.replace("[0, 3]", f"[0, {n}]").replace("[1, 4]", f"[1, {n}]")
-        cfg.write_text(text)
-        report = run_with_progress(cfg, Path(tmp) / "merged", options, console)
-        report.print(console)
-        return report
+        text = _config_text(template, base, experts, spec.layers)
+        return _merge(console, Path(tmp) / "bench.yml", text, Path(tmp) / "merged", options)

@@ -101,6 +101,16 @@ def _aligned(n: int) -> int:
     return (n + 63) // 64 * 64
 
 
+def _read_band(reader: RowReader, t: TensorPlan, r0: int, r1: int, buf: torch.Tensor) -> list[torch.Tensor]:
+    """Rows [r0, r1) of every input of `t`, laid out one after another (64-byte aligned) in `buf`."""
+    chunks, off = [], 0
+    for s in t.inputs:
+        n = (r1 - r0) * s.info.row_bytes
+        chunks.append(reader.read_rows(s.info, r0, r1, out=buf[off:off + n]))
+        off += _aligned(n)
+    return chunks
+
+
 class Executor:
     def __init__(self, plan: Plan, out_dir: Path, device: torch.device, prefetch: int = 2,
                  skip_shards: frozenset[int] = frozenset(), on_progress: Callable[[int], None] | None = None,
@@ -145,11 +155,7 @@ class Executor:
                             if slot is None:
                                 return
                             buf = self.pool.buffers[slot]
-                            chunks, off = [], 0
-                            for s in t.inputs:
-                                n = (r1 - r0) * s.info.row_bytes
-                                chunks.append(reader.read_rows(s.info, r0, r1, out=buf[off:off + n]))
-                                off += _aligned(n)
+                            chunks = _read_band(reader, t, r0, r1, buf)
                             self._put(self.bands, Band(ti, passes, r0, r1, chunks, slot, _band_bytes(t, r1 - r0)))
         except BaseException as e:  # surfaced by the main thread
             self.error = self.error or e
@@ -299,11 +305,7 @@ class Executor:
                 for ti, (t, job) in enumerate(zip(self.plan.tensors, jobs)):
                     for r0 in range(0, t.rows, t.rows_per_chunk):
                         r1 = min(t.rows, r0 + t.rows_per_chunk)
-                        chunks, off = [], 0
-                        for s in t.inputs:
-                            n = (r1 - r0) * s.info.row_bytes
-                            chunks.append(reader.read_rows(s.info, r0, r1, out=buf[off:off + n]).to(job.compute_dtype))
-                            off += _aligned(n)
+                        chunks = [c.to(job.compute_dtype) for c in _read_band(reader, t, r0, r1, buf)]
                         mp.update(state, sweep, ti, job, chunks, r0)
                         self.on_progress(_band_bytes(t, r1 - r0))
                 mp.end_sweep(state, sweep)

@@ -41,9 +41,10 @@ def plan_fingerprint(plan: Plan, config: MergeConfig) -> str:
     h.update(config.model_dump_json().encode())
     h.update(json.dumps([(s.filename, list(s.tensors), s.nbytes) for s in plan.shards]).encode())
     h.update(str(plan.seed).encode())
+    stats: dict[Path, os.stat_result] = {}
     for t in plan.tensors:
         for s in t.inputs:
-            st = s.info.file.stat()
+            st = stats.get(s.info.file) or stats.setdefault(s.info.file, s.info.file.stat())
             h.update(f"{s.info.file}:{st.st_size}:{st.st_mtime_ns}:{s.info.begin}".encode())
     return h.hexdigest()
 

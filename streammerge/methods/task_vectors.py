@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from ..kernels.philox import bernoulli_keep, stream_id
-from ..kernels.threshold import KthMagnitude, Threshold, topk_mask
+from ..kernels.threshold import KthMagnitude, Threshold, magnitude_keys, topk_mask
 from ..kernels.vote import mix
 from .registry import MethodSpec, ModelPass, Param, Reduce, TensorJob, in_range
 
@@ -116,15 +116,10 @@ def _magnitude_reduces(job: TensorJob, kind: str, rescale: bool) -> tuple[Reduce
         for j, f in enumerate(finders):
             if f is None:
                 continue
-            flat = d[j].reshape(rows, -1)
-            key = flat.view(_int_of(flat.dtype)) & _key_mask(flat.dtype)
-            ths = [f.threshold_for(k) for k in f.ks]
-            state["eq"][j].append(torch.stack([(key == th.bits).sum(dim=1) for th in ths]))
-            if rescale:
-                mag = flat.abs()
-                state["l1"][j].extend(mag.sum(dim=1, dtype=torch.float64).tolist())
-                above = key > ths[0].bits
-                state["kept"][j].extend(torch.where(above, mag, 0).sum(dim=1, dtype=torch.float64).tolist())
+            eq, l1, kept = _count_rows(d[j].reshape(rows, -1), _thresholds(f), rescale)
+            state["eq"][j].append(eq)
+            state["l1"][j].extend(l1)
+            state["kept"][j].extend(kept)
 
     def count_merge(into: dict, other: dict) -> None:
         for key in into:
@@ -134,33 +129,47 @@ def _magnitude_reduces(job: TensorJob, kind: str, rescale: bool) -> tuple[Reduce
     def count_finish(state: dict, job: TensorJob, stats) -> dict:
         prefix, scale = [], []
         for j, f in enumerate(finders):
-            if f is None:
-                prefix.append(None)
-                scale.append(1.0)
-                continue
-            ths = [f.threshold_for(k) for k in f.ks]
-            per_row = torch.cat(state["eq"][j], dim=1) if state["eq"][j] else torch.zeros(len(ths), 0, dtype=torch.int64)
-            before = torch.zeros(len(ths), per_row.shape[1] + 1, dtype=torch.int64)
-            torch.cumsum(per_row, dim=1, out=before[:, 1:])
-            prefix.append((tuple(ths), before))
-            if rescale:
-                total = math.fsum(state["l1"][j])
-                kept = math.fsum(state["kept"][j]) + ths[0].n_equal_keep * abs(ths[0].value)
-                scale.append(total / kept if total >= RESCALE_EPS and kept >= RESCALE_EPS else 1.0)
-            else:
-                scale.append(1.0)
+            entry, factor = (None, 1.0) if f is None else _prefix_and_scale(
+                _thresholds(f), state["eq"][j], None, state["l1"][j], state["kept"][j], rescale)
+            prefix.append(entry)
+            scale.append(factor)
         return {"prefix": prefix, "scale": scale}
 
     passes = tuple(hist_pass(p) for p in range(n_passes))
     return passes + (Reduce(count_init, count_update, count_finish, count_merge),) if live else ()
 
 
-def _int_of(dtype: torch.dtype) -> torch.dtype:
-    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.finfo(dtype).bits // 8]
+def _thresholds(f: KthMagnitude) -> tuple[Threshold, ...]:
+    return tuple(f.threshold_for(k) for k in f.ks)
 
 
-def _key_mask(dtype: torch.dtype) -> int:
-    return (1 << (torch.finfo(dtype).bits - 1)) - 1
+def _count_rows(flat: torch.Tensor, ths: Sequence[Threshold], rescale: bool) -> tuple[torch.Tensor, list[float], list[float]]:
+    """Per row of a [rows, n] band: elements equal to each threshold, and with rescale Σ|δ| and the Σ|δ|
+    strictly above the first threshold (fp64 row sums, combined later with math.fsum)."""
+    key = magnitude_keys(flat)
+    eq = torch.stack([(key == th.bits).sum(dim=1) for th in ths])
+    if not rescale:
+        return eq, [], []
+    mag = flat.abs()
+    kept = torch.where(key > ths[0].bits, mag, 0).sum(dim=1, dtype=torch.float64)
+    return eq, mag.sum(dim=1, dtype=torch.float64).tolist(), kept.tolist()
+
+
+def _prefix_and_scale(ths: tuple[Threshold, ...], eq: list[torch.Tensor], offset: torch.Tensor | None,
+                      l1: list[float], kept: list[float], rescale: bool) -> tuple[tuple, float]:
+    """The map's tie bookkeeping (equal elements before each row, from `offset` on) and the L1 rescale
+    factor of one tensor and model; the kept L1 adds the equal elements that fall within the quota."""
+    per_row = torch.cat(eq, dim=1) if eq else torch.zeros(len(ths), 0, dtype=torch.int64)
+    before = torch.zeros(len(ths), per_row.shape[1] + 1, dtype=torch.int64)
+    torch.cumsum(per_row, dim=1, out=before[:, 1:])
+    if offset is not None:
+        before += offset.unsqueeze(1)
+    factor = 1.0
+    if rescale:
+        total = math.fsum(l1)
+        part = math.fsum(kept) + _equal_kept(ths[0], before[0]) * abs(ths[0].value)
+        factor = total / part if total >= RESCALE_EPS and part >= RESCALE_EPS else 1.0
+    return (ths, before), factor
 
 
 def _magnitude_masks(job: TensorJob, d: torch.Tensor, stats: dict, row0: int, kind: str) -> torch.Tensor | None:
@@ -230,15 +239,10 @@ def _model_pass(kind: str) -> ModelPass:
                 f.update(d[j], sweep)
                 continue
             rows = d.shape[1] if d.dim() >= 3 else 1
-            flat = d[j].reshape(rows, -1)
-            key = flat.view(_int_of(flat.dtype)) & _key_mask(flat.dtype)
-            ths = [f.threshold_for(k) for k in f.ks]
-            state["eq"].setdefault((index, j), []).append(torch.stack([(key == th.bits).sum(dim=1) for th in ths]))
-            if job.params["rescale"]:
-                mag = flat.abs()
-                state["l1"].setdefault((index, j), []).extend(mag.sum(dim=1, dtype=torch.float64).tolist())
-                state["kept"].setdefault((index, j), []).extend(
-                    torch.where(key > ths[0].bits, mag, 0).sum(dim=1, dtype=torch.float64).tolist())
+            eq, l1, kept = _count_rows(d[j].reshape(rows, -1), _thresholds(f), bool(job.params["rescale"]))
+            state["eq"].setdefault((index, j), []).append(eq)
+            state["l1"].setdefault((index, j), []).extend(l1)
+            state["kept"].setdefault((index, j), []).extend(kept)
 
     def end_sweep(state: dict, sweep: int) -> None:
         if sweep < state["hist_sweeps"]:
@@ -260,18 +264,12 @@ def _model_pass(kind: str) -> ModelPass:
                 prefix.append(None)
                 scale.append(1.0)
                 continue
-            ths = tuple(f.threshold_for(k) for k in f.ks)
-            per_row = torch.cat(state["eq"][(index, j)], dim=1)
-            before = torch.zeros(len(ths), per_row.shape[1] + 1, dtype=torch.int64)
-            torch.cumsum(per_row, dim=1, out=before[:, 1:])
-            before += state["offset"][(index, j)].unsqueeze(1)
-            prefix.append((ths, before))
-            if job.params["rescale"]:
-                total = math.fsum(state["l1"][(index, j)])
-                kept = math.fsum(state["kept"][(index, j)]) + _equal_kept(ths[0], before[0]) * abs(ths[0].value)
-                scale.append(total / kept if total >= RESCALE_EPS and kept >= RESCALE_EPS else 1.0)
-            else:
-                scale.append(1.0)
+            key = (index, j)
+            entry, factor = _prefix_and_scale(_thresholds(f), state["eq"][key], state["offset"][key],
+                                              state["l1"].get(key, []), state["kept"].get(key, []),
+                                              bool(job.params["rescale"]))
+            prefix.append(entry)
+            scale.append(factor)
         return {"prefix": prefix, "scale": scale}
 
     return ModelPass(sweeps, init, update, end_sweep, result)

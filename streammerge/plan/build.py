@@ -10,7 +10,8 @@ lm_head) the last slice's, both at t = 0.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,13 +20,9 @@ import torch
 
 from ..arch import Arch, infer_arch
 from ..config import MergeConfig, OutputSlice, SliceSource, evaluate, resolve_model_path
-import re
-
 from ..errors import BudgetError, CheckpointError, ConfigError, ProblemsError, StreammergeError
-from ..io.header import DTYPES, FLOAT_CODES, TensorInfo
+from ..io.header import CODE_OF, DTYPES, FLOAT_CODES, TensorInfo
 from ..io.reader import ModelFiles, open_model
-from dataclasses import replace
-
 from ..methods import MethodSpec, TensorJob, get_method
 from ..methods.registry import REQUIRED, Param
 from ..options import RunOptions
@@ -326,7 +323,7 @@ class Planner:
         groups = assign_shards([(t.name, t.bytes_out) for t in tensors], self.options.out_shard_size)
         shards = shard_plans(groups, sizes)
         shard_of = {name: i for i, g in enumerate(groups) for name in g}
-        tensors = [_with_shard(t, shard_of[t.name]) for t in tensors]
+        tensors = [replace(t, shard=shard_of[t.name]) for t in tensors]
         out_dtype_name = TORCH_NAME[tensors[0].out_dtype] if tensors else None
         return Plan(
             method=self.spec.name,
@@ -347,7 +344,7 @@ class Planner:
         if self.spec.result_dtype is None:
             return compute
         dt = self.spec.result_dtype(DTYPES[compute][0])
-        return {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}[dt]
+        return CODE_OF[dt]
 
     def _compute_dtype(self, infos: list[TensorInfo]) -> str:
         if self.config.dtype:
@@ -355,7 +352,7 @@ class Planner:
         dt = infos[0].torch_dtype
         for i in infos[1:]:
             dt = torch.promote_types(dt, i.torch_dtype)
-        return {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}[dt]
+        return CODE_OF[dt]
 
     def _common_shape(self, out_name: str, kind: str, infos: list[TensorInfo], refs: list[str]) -> tuple[int, ...]:
         """Embeddings whose vocabularies differ are cropped to the smallest (mergekit's rule); any other
@@ -386,12 +383,6 @@ class Planner:
 def _problem_kind(e: Exception) -> str:
     """A problem's text with tensor names, quoted values and numbers blanked: one kind per mistake."""
     return re.sub(r"'[^']*'|\b[\w-]+(?:\.[\w-]+)+\b|\d+", "…", str(e))
-
-
-def _with_shard(t: TensorPlan, shard: int) -> TensorPlan:
-    from dataclasses import replace
-
-    return replace(t, shard=shard)
 
 
 def _embedding_rows(tensors: list[TensorPlan], arch: Arch) -> int | None:
