@@ -7,38 +7,63 @@ readers never have to redo the arithmetic (and never overflow: Python ints are u
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 
+if TYPE_CHECKING:
+    import torch
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
-# safetensors dtype code -> (torch dtype, item size)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "BF16": (torch.bfloat16, 2),
-    "F16": (torch.float16, 2),
-    "F32": (torch.float32, 4),
-    "F64": (torch.float64, 8),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "I16": (torch.int16, 2),
-    "I32": (torch.int32, 4),
-    "I64": (torch.int64, 8),
-    "BOOL": (torch.bool, 1),
+# safetensors dtype code -> (torch dtype name, item size). Parsing and planning need only the sizes, so
+# this module does not import torch (`streammerge check` need not load it): torch dtypes are looked up by
+# name when a run first asks for them (`DTYPES`, `CODE_OF`, `torch_dtype`, `TensorInfo.torch_dtype`).
+_TABLE: dict[str, tuple[str, int]] = {
+    "BF16": ("bfloat16", 2),
+    "F16": ("float16", 2),
+    "F32": ("float32", 4),
+    "F64": ("float64", 8),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "I16": ("int16", 2),
+    "I32": ("int32", 4),
+    "I64": ("int64", 8),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
-if hasattr(torch, "float8_e4m3fn"):
-    DTYPES["F8_E4M3"] = (torch.float8_e4m3fn, 1)
-    DTYPES["F8_E5M2"] = (torch.float8_e5m2, 1)
-
-CODE_OF: dict[torch.dtype, str] = {dt: code for code, (dt, _) in DTYPES.items()}
+ITEMSIZE: dict[str, int] = {code: size for code, (_, size) in _TABLE.items()}
 FLOAT_CODES = ("BF16", "F16", "F32", "F64")
+
+
+@functools.cache
+def _torch_tables() -> tuple[dict[str, tuple[torch.dtype, int]], dict[torch.dtype, str]]:
+    import torch
+
+    dtypes = {code: (getattr(torch, tname), size) for code, (tname, size) in _TABLE.items()}
+    return dtypes, {dt: code for code, (dt, _) in dtypes.items()}
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors code (imports torch)."""
+    return _torch_tables()[0][code][0]
+
+
+def __getattr__(name: str) -> Any:
+    """`DTYPES` (code -> (torch dtype, item size)) and `CODE_OF` (torch dtype -> code): these import torch."""
+    if name == "DTYPES":
+        return _torch_tables()[0]
+    if name == "CODE_OF":
+        return _torch_tables()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -54,11 +79,11 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype][0]
+        return torch_dtype(self.dtype)
 
     @property
     def itemsize(self) -> int:
-        return DTYPES[self.dtype][1]
+        return ITEMSIZE[self.dtype]
 
     @property
     def numel(self) -> int:
@@ -139,8 +164,8 @@ def parse_header_bytes(path: Path, prefix: bytes, file_size: int) -> Header:
         if not isinstance(entry, dict):
             raise _fail(path, f"{where}: entry must be an object")
         dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise _fail(path, f"{where}: unknown dtype {_short(dtype)} (known: {', '.join(DTYPES)})",
+        if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+            raise _fail(path, f"{where}: unknown dtype {_short(dtype)} (known: {', '.join(ITEMSIZE)})",
                         "convert the checkpoint to bf16, fp16 or fp32")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise _fail(path, f"{where}: shape must be a list of non-negative integers, got {_short(shape)}")
@@ -150,7 +175,7 @@ def parse_header_bytes(path: Path, prefix: bytes, file_size: int) -> Header:
         b, e = offs
         if not 0 <= b <= e:
             raise _fail(path, f"{where}: data_offsets {_short(offs)} are not ordered non-negative offsets")
-        expected = math.prod(shape) * DTYPES[dtype][1]
+        expected = math.prod(shape) * ITEMSIZE[dtype]
         if e - b != expected:
             raise _fail(path, f"{where}: data_offsets span {e - b} bytes but shape {_short(shape)} in {dtype} "
                               f"needs {_count(expected)}")

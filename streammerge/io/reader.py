@@ -12,10 +12,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from .._lazy import lazy_module
 from ..errors import CheckpointError
-from .header import DTYPES, CODE_OF, TensorInfo, read_header
+from .header import TensorInfo, read_header
+
+torch = lazy_module("torch")  # only pickled checkpoints and reading rows need it
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -113,6 +114,8 @@ def _config_of(path: Path) -> dict | None:
 
 def _open_pickled(path: Path, bins: list[Path], config: dict | None) -> ModelFiles:
     """Pickled weights: loaded with weights_only=True (no arbitrary objects) and mmap=True (no copy)."""
+    from .header import CODE_OF
+
     tensors: dict[str, TensorInfo] = {}
     for f in bins:
         try:
@@ -159,7 +162,7 @@ class RowReader:
             out = out.view(torch.uint8).reshape(-1)[:nbytes]
         if nbytes:
             self.pread_into(info.file, info.begin + r0 * info.row_bytes, out)
-        return out.view(DTYPES[info.dtype][0]).reshape(shape)
+        return out.view(info.torch_dtype).reshape(shape)
 
     def pread_into(self, path: Path, offset: int, out: torch.Tensor) -> None:
         fd = self._fd(path)

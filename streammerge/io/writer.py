@@ -13,9 +13,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from .._lazy import lazy_module
+from .header import ITEMSIZE
 
-from .header import CODE_OF, DTYPES
+torch = lazy_module("torch")  # only writing tensor data needs it
 
 ALIGN = 8
 WRITEBACK_BYTES = 8 << 20
@@ -48,7 +49,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPES[self.dtype][1]
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
 
 def build_header(tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int]]:
@@ -74,7 +75,7 @@ def build_header(tensors: list[OutTensor], metadata: dict[str, str] | None = Non
 
 def data_offsets_in_order(tensors: list[OutTensor]) -> list[OutTensor]:
     """safetensors.save_file orders data by (dtype size desc, name); we follow it for byte parity."""
-    return sorted(tensors, key=lambda t: (-DTYPES[t.dtype][1], t.name))
+    return sorted(tensors, key=lambda t: (-ITEMSIZE[t.dtype], t.name))
 
 
 class ShardWriter:
@@ -130,6 +131,8 @@ class ShardWriter:
 
 
 def torch_code(dtype: torch.dtype) -> str:
+    from .header import CODE_OF
+
     return CODE_OF[dtype]
 
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable, Sequence
 
-import torch
-import torch.nn.functional as F
-
+from .._lazy import lazy_module
 from .registry import Reduce, TensorJob
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 _SEG = 4096          # elements per segment sum: below torch's intra-op grain size
 _COL_BLOCK = 256     # rows per cumsum step of a column accumulator (bounds the fp64 temporary)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import torch
-
-from ..kernels.mix import weighted_sum
+from .._lazy import lazy_module, lazy_names
 from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
+
+torch = lazy_module("torch")
+(weighted_sum,) = lazy_names("streammerge.kernels.mix", "weighted_sum")
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:

@@ -11,11 +11,11 @@ import difflib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
 
-import torch
-
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
+    import torch
+
     from ..plan.ir import TensorPlan
 
 REQUIRED = object()
@@ -34,6 +34,27 @@ class Param:
     doc: str = ""
 
 
+class _TorchDtype:
+    """`TensorJob.compute_dtype`: a torch dtype. `from_plan` sets the plan's safetensors code ("BF16"),
+    which becomes the torch dtype on first read: planning builds jobs without importing torch."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, job: Any, owner: type | None = None) -> Any:
+        if job is None:
+            raise AttributeError(self.name)  # no class-level value: the dataclass field has no default
+        value = job.__dict__[self.name]
+        if isinstance(value, str):
+            from ..io.header import torch_dtype
+
+            value = job.__dict__[self.name] = torch_dtype(value)
+        return value
+
+    def __set__(self, job: Any, value: Any) -> None:
+        job.__dict__[self.name] = value
+
+
 @dataclass(frozen=True)
 class TensorJob:
     """What a method sees of one output tensor: everything resolved, nothing to look up."""
@@ -41,7 +62,7 @@ class TensorJob:
     name: str
     shape: tuple[int, ...]
     rows: int
-    compute_dtype: torch.dtype
+    compute_dtype: torch.dtype = _TorchDtype()  # a descriptor, not a default (see _TorchDtype)
     base: int | None                      # index of the base model among the inputs
     params: Mapping[str, Any]             # global params, evaluated for this tensor
     model_params: tuple[Mapping[str, Any], ...]  # per-input params (the base's entry included)
@@ -53,12 +74,20 @@ class TensorJob:
 
     @classmethod
     def from_plan(cls, t: "TensorPlan", seed: int) -> "TensorJob":
-        from ..io.header import DTYPES
-
-        return cls(name=t.name, shape=t.shape, rows=t.rows, compute_dtype=DTYPES[t.compute_dtype][0], base=t.base,
+        return cls(name=t.name, shape=t.shape, rows=t.rows, compute_dtype=t.compute_dtype, base=t.base,
                    params=dict(t.params), model_params=tuple(dict(m) for m in t.model_params),
                    model_ids=tuple(s.model for s in t.inputs), seed=seed, kind=t.kind, row_elems=t.row_elems,
                    single_band=t.rows_per_chunk >= t.rows)
+
+    @property
+    def compute_code(self) -> str:
+        """`compute_dtype` as a safetensors code ("BF16"), without importing torch where it is not loaded."""
+        value = self.__dict__["compute_dtype"]
+        if isinstance(value, str):
+            return value
+        from ..io.header import CODE_OF
+
+        return CODE_OF[value]
 
     @property
     def numel(self) -> int:
@@ -97,7 +126,7 @@ class ModelPass:
     result: Callable[[Any, int, TensorJob], Any]
 
 
-MapFn = Callable[[TensorJob, list[torch.Tensor], Sequence[Any], int], torch.Tensor]
+MapFn = Callable[[TensorJob, list["torch.Tensor"], Sequence[Any], int], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -130,10 +159,9 @@ METHODS: dict[str, MethodSpec] = {}
 
 
 def get_method(name: str) -> MethodSpec:
-    from . import load_all
+    from . import find
 
-    load_all()
-    spec = METHODS.get(name)
+    spec = find(name)  # imports every family when none defines the name
     if spec is None:
         close = difflib.get_close_matches(name, METHODS, n=3, cutoff=0.5)
         hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""

@@ -21,14 +21,15 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import torch
-
+from .._lazy import lazy_module
 from ..errors import StreammergeError
 from ._stats import (
     ColumnSums, Gram, all_pairs, as_rows, chained, gram_reduce, model_sum, nonbase, nonbase_params, rounded, rowwise,
     scalar, work_dtype,
 )
 from .registry import REQUIRED, MethodSpec, Param, Reduce, TensorJob, in_range
+
+torch = lazy_module("torch")
 
 _COLINEAR_EPS = 1e-8   # nuslerp: colinear when 1 - cos² <= eps²
 _UNIT_EPS = 1e-7       # nuslerp: norms are clamped to at least this

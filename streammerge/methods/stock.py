@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import torch
-
+from .._lazy import lazy_module
 from ._stats import Gram, as_rows, gram_reduce, model_mean, model_sum, nonbase, promote_fp32, rowwise, scalar
 from .registry import REQUIRED, MethodSpec, Param, Reduce, TensorJob, in_range
+
+torch = lazy_module("torch")
 
 
 # -- model_stock ------------------------------------------------------------------------------------

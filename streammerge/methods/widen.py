@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
-
+from .._lazy import lazy_module
 from ._stats import ColumnSums, as_rows, nonbase, row_sums, work_dtype
 from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
+
+torch = lazy_module("torch")
 
 
 def _by_rows(job: TensorJob) -> bool:
