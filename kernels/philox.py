@@ -25,6 +25,8 @@ from collections.abc import Iterator
 
 import torch
 
+from . import dispatch
+
 __all__ = [
     "PHILOX_M0",
     "PHILOX_M1",
@@ -104,6 +106,9 @@ def philox_words(
 ) -> torch.Tensor:
     """Raw uint32 words (as int64) for elements ``start .. start+count-1`` of a stream."""
     _check_args(seed, stream, start, count)
+    fast = _fast(seed, stream, start, count, device, "words", torch.int64)
+    if fast is not None:
+        return fast
     if count <= _SMALL:
         return torch.tensor(_words_py(seed, stream, start, count), dtype=torch.int64, device=device)
     first, buf = _block_buffer(start, count, torch.int64, device)
@@ -119,6 +124,9 @@ def philox_uniform(
 ) -> torch.Tensor:
     """float32 uniforms in ``[0, 1)`` for elements ``start .. start+count-1`` of a stream."""
     _check_args(seed, stream, start, count)
+    fast = _fast(seed, stream, start, count, device, "uniform", torch.float32)
+    if fast is not None:
+        return fast
     if count <= _SMALL:
         u = [(w >> 8) * 2.0**-24 for w in _words_py(seed, stream, start, count)]
         return torch.tensor(u, dtype=torch.float32, device=device)
@@ -157,6 +165,9 @@ def bernoulli_keep(
     _check_args(seed, stream, start, count)
     # (word >> 8) < t  <=>  word < t * 256 for integers; t * 256 <= 2**32 fits int64.
     limit = _ceil_scaled(p) << 8
+    fast = _fast(seed, stream, start, count, device, "keep", torch.bool, limit)
+    if fast is not None:
+        return fast
     if count <= _SMALL:
         keep = [w < limit for w in _words_py(seed, stream, start, count)]
         return torch.tensor(keep, dtype=torch.bool, device=device)
@@ -166,6 +177,33 @@ def bernoulli_keep(
         for j in range(4):
             torch.lt(cols[j], limit, out=view[:, j])
     return buf.view(-1)[start - 4 * first : start - 4 * first + count]
+
+
+def _fast(seed: int, stream: int, start: int, count: int, device: torch.device | str | None, kind: str,
+          dtype: torch.dtype, limit: int = 0) -> torch.Tensor | None:
+    """The same values from a compiled kernel where ``dispatch`` picks one, else None (torch runs)."""
+    device = torch.device("cpu" if device is None else device)
+    impl = dispatch.choose("philox", device)
+    if impl == "numba":
+        from ._numba import philox as kernel
+
+        out = torch.empty(count, dtype=dtype)
+        fill = {"words": kernel.words_into, "uniform": kernel.uniform_into}.get(kind)
+        if fill is None:
+            kernel.keep_into(out.numpy(), seed, stream, start, limit)
+        else:
+            fill(out.numpy(), seed, stream, start)
+    elif impl == "triton":
+        from ._triton import philox as kernel
+
+        code = {"words": kernel._WORDS, "uniform": kernel._UNIFORM, "keep": kernel._KEEP}[kind]
+        out = kernel._launch(code, seed, stream, start, count, device, limit)
+        out = out.view(torch.bool) if kind == "keep" else out
+    else:
+        dispatch.ran("philox", "torch", device)
+        return None
+    dispatch.ran("philox", impl, device)
+    return out
 
 
 def _block_buffer(

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import dispatch
+
 __all__ = ["KthMagnitude", "Threshold", "count_keys", "find_thresholds", "topk_mask"]
 
 # Elements per histogram piece: keeps the key temporaries in cache (a chunked bf16 bincount ran
@@ -267,6 +269,12 @@ def count_keys(
     ``prefixes`` is None) or every element with ``key >> high_shift == prefixes[i]`` adds one to
     ``hists[i][(key >> shift) & (2**width - 1)]``.
     """
+    if prefixes is None and _numba16(bits) and key_mask == 0x7FFF and shift == 0 and hists[0].numel() == 1 << 15:
+        from ._numba.threshold import histogram16
+
+        histogram16(hists[0].numpy(), _u16(bits))
+        dispatch.ran("histogram", "numba", "cpu")
+        return
     for lo in range(0, bits.numel(), _PIECE):
         key = bits[lo : lo + _PIECE] & key_mask
         if prefixes is None:
@@ -316,6 +324,11 @@ def topk_mask(
     lay = _layout(th.dtype)
     flat = chunk.reshape(-1).view(lay.int_dtype)
     mask = torch.empty(flat.shape, dtype=torch.bool, device=chunk.device)
+    if _numba16(flat):
+        from ._numba.threshold import topk_mask16
+
+        n_equal = topk_mask16(mask.numpy(), _u16(flat), th.bits, th.n_equal_keep - equal_seen_before)
+        return mask.reshape(chunk.shape), int(n_equal)
     seen = equal_seen_before
     for lo in range(0, flat.numel(), _PIECE):
         key = flat[lo : lo + _PIECE] & lay.key_mask
@@ -331,6 +344,29 @@ def topk_mask(
             torch.gt(key, th.bits, out=out).logical_or_(equal & (equal.cumsum(0) <= room))
         seen += n_equal
     return mask.reshape(chunk.shape), seen - equal_seen_before
+
+
+def equal_per_row(rows: torch.Tensor, bits: Sequence[int]) -> torch.Tensor:
+    """int64 ``[len(bits), rows]``: per row of a ``[rows, n]`` chunk, the keys equal to each threshold key."""
+    lay = _layout(rows.dtype)
+    view = rows.contiguous().view(lay.int_dtype)
+    if _numba16(view):
+        from ._numba.threshold import equal_per_row16
+
+        out = torch.empty(len(bits), rows.shape[0], dtype=torch.int64)
+        equal_per_row16(out.numpy(), _u16(view).reshape(rows.shape), torch.tensor(list(bits)).numpy())
+        return out
+    key = view & lay.key_mask
+    return torch.stack([(key == b).sum(dim=1) for b in bits])
+
+
+def _numba16(bits: torch.Tensor) -> bool:
+    """Whether the numba loops take this chunk: 16-bit keys on CPU, numba chosen by ``dispatch``."""
+    return bits.dtype == torch.int16 and bits.device.type == "cpu" and dispatch.choose("histogram", "cpu") == "numba"
+
+
+def _u16(bits: torch.Tensor):
+    return bits.contiguous().numpy().view("uint16")
 
 
 def find_thresholds(

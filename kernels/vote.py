@@ -25,9 +25,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 
-__all__ = ["agree_mask", "mix", "sign_consensus", "sum_models"]
+from . import dispatch
+
+__all__ = ["agree_mask", "merge_deltas", "mix", "sign_consensus", "sum_models"]
 
 Consensus = Literal["sum", "count"]
 _NO_CONSENSUS_EPS = 1e-8  # mergekit's guard on the weight sum without consensus
@@ -103,6 +106,66 @@ def mix(
         band = [_band(t, lo, step) for t in (deltas, w, m, s)]
         out[lo : lo + step] = _mix_band(*band, consensus, normalize, lam)
     return out
+
+
+def merge_deltas(
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    weights: Sequence[float],
+    mask: torch.Tensor | None = None,
+    *,
+    scale: torch.Tensor | Sequence[float] | None = None,
+    consensus: Consensus | None = None,
+    normalize: bool = False,
+    lam: float = 1.0,
+    experts: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``(base + mix(deltas, ...)).to(base.dtype)``, in one fused pass where ``dispatch`` has a kernel.
+
+    ``mask`` (if any) has the deltas' shape.  ``experts`` (the inputs the deltas came from, as
+    ``expert - base``) lets the Triton kernel form δ itself from one read of each input.  Same bits
+    on every path; the torch one is the reference.
+    """
+    impl = dispatch.choose("taskvec", base.device)
+    if impl == "triton" and experts is not None and 1 <= len(experts) <= 8:
+        from ._triton.taskvec import task_vector_mix
+
+        out = task_vector_mix(base, list(experts), weights, mask=mask, scale=scale, consensus=consensus,
+                              normalize=normalize, lam=lam)
+        dispatch.ran("taskvec", impl, base.device)
+        return out
+    fusable = (
+        impl == "numba" and base.dtype == deltas.dtype == torch.bfloat16 and deltas.dim() >= 2
+        and deltas.shape[1:] == base.shape and (mask is None or mask.shape == deltas.shape)
+    )
+    if not fusable:
+        dispatch.ran("taskvec", "torch", base.device)
+        mixed = mix(deltas, weights, mask, scale=scale, consensus=consensus, normalize=normalize, lam=lam)
+        return (base + mixed).to(base.dtype)
+    from ._numba import taskvec as kernel
+
+    k = deltas.shape[0]
+    w = _per_model(weights, deltas[:, :1], deltas.dtype).reshape(k)
+    s = None if scale is None else _per_model(scale, deltas[:, :1], deltas.dtype).reshape(k)
+    divisor = sum_models(w.unsqueeze(1))
+    divisor = torch.where(divisor.abs() < _NO_CONSENSUS_EPS, torch.ones((), dtype=w.dtype), divisor)
+    codes = {None: kernel.NO_CONSENSUS, "sum": kernel.SUM, "count": kernel.COUNT}
+    if consensus not in codes:
+        raise ValueError(f"consensus must be None, 'sum' or 'count', got {consensus!r}")
+    out = torch.empty(base.shape, dtype=base.dtype)
+    keep = torch.empty((0, 0), dtype=torch.bool) if mask is None else mask.contiguous().reshape(k, -1)
+    kernel.mix_bf16(
+        _bits(out), _bits(base), _bits(deltas).reshape(k, -1), keep.numpy(),
+        (torch.empty(0) if s is None else s.float()).numpy(), w.float().numpy(),
+        codes[consensus], bool(normalize), np.float32(lam), np.float32(divisor.float().item()),
+    )
+    dispatch.ran("taskvec", impl, base.device)
+    return out
+
+
+def _bits(t: torch.Tensor):
+    """A uint16 numpy view of a contiguous bf16 tensor's bits (shares memory)."""
+    return t.contiguous().view(torch.int16).numpy().view("uint16").reshape(-1)
 
 
 def _mix_band(

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--no-progress", action="store_true")
     pb = sub.add_parser("bench", help="merge synthetic checkpoints and print the per-shard throughput")
     pb.add_argument("--preset", default="small", help="tiny, small or 1b (default: small)")
-    pb.add_argument("--method", default="linear", help="linear, task_arithmetic, slerp or passthrough (default: linear)")
+    pb.add_argument("--method", default="linear", help="linear, task_arithmetic, slerp, ties, dare_ties, della or passthrough (default: linear)")
     pb.add_argument("--data", default=None, help="keep (and reuse) the synthetic inputs here (default: a temporary folder)")
     pb.add_argument("--report", default=None, metavar="FILE.json", help="write the run report as JSON")
     _common(pb)

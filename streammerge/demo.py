@@ -40,6 +40,39 @@ models:
 parameters:
   t: [0.0, 0.5, 1.0]
 """,
+    "ties": """\
+# streammerge bench: TIES, each task vector keeps its top half by magnitude, signs elected.
+merge_method: ties
+base_model: {base}
+models:
+  - model: {e0}
+  - model: {e1}
+  - model: {e2}
+parameters: {{weight: 0.3333, density: 0.5}}
+dtype: bfloat16
+""",
+    "dare_ties": """\
+# streammerge bench: DARE, half of each task vector dropped at random, rescaled, signs elected.
+merge_method: dare_ties
+base_model: {base}
+models:
+  - model: {e0}
+  - model: {e1}
+  - model: {e2}
+parameters: {{weight: 0.3333, density: 0.5}}
+dtype: bfloat16
+""",
+    "della": """\
+# streammerge bench: DELLA, keep probability rising with each |δ|'s rank in its row.
+merge_method: della
+base_model: {base}
+models:
+  - model: {e0}
+  - model: {e1}
+  - model: {e2}
+parameters: {{weight: 0.3333, density: 0.5, epsilon: 0.1}}
+dtype: bfloat16
+""",
     "passthrough": """\
 # streammerge demo: a frankenmerge stacking layers of two models.
 merge_method: passthrough

@@ -25,7 +25,6 @@ from .methods import TensorJob, get_method
 from .plan.ir import Plan, TensorPlan
 
 _DONE = object()
-BLOCK_ELEMS = 1 << 17  # maps and reduces run on row-aligned blocks of about this size: temporaries stay in cache
 
 
 @dataclass
@@ -312,8 +311,8 @@ class Executor:
         return {ti: mp.result(state, ti, job) for ti, job in enumerate(jobs)}
 
     def _blocks(self, t: TensorPlan, band: Band) -> list[tuple[int, int]]:
-        """Row-aligned sub-bands of about BLOCK_ELEMS elements, relative to the band."""
-        step = max(1, BLOCK_ELEMS // max(t.row_elems, 1)) if len(t.shape) >= 2 else band.r1 - band.r0
+        """Row-aligned sub-bands of about the plan's block size, relative to the band."""
+        step = max(1, self.plan.block_elems // max(t.row_elems, 1)) if len(t.shape) >= 2 else band.r1 - band.r0
         return [(a, min(band.r1 - band.r0, a + step)) for a in range(0, band.r1 - band.r0, step)]
 
     def _parallel(self, fn, parts: list) -> list:

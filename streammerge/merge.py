@@ -14,9 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from .config import MergeConfig, load_config
 from .errors import OutputError, ResumeError
@@ -26,6 +24,9 @@ from .options import RunOptions
 from .plan.build import build_plan
 from .plan.ir import Plan
 from .report import RunReport, ShardReport, peak_rss_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST_DIR = ".streammerge"
 
@@ -50,6 +51,8 @@ def plan_fingerprint(plan: Plan, config: MergeConfig) -> str:
 
 
 def _resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -116,6 +119,8 @@ def _load_manifest(out: Path, fingerprint: str, plan: Plan) -> frozenset[int]:
 def run(config_path: str | os.PathLike, out: str | os.PathLike, options: RunOptions | None = None,
         on_start: Callable[[Plan], None] | None = None, on_progress: Callable[[int], None] | None = None) -> RunReport:
     """Merge as the config says into `out`; returns the run report."""
+    from .execute import Executor  # before planning: torch is part of the memory baseline the plan measures
+
     options = options or RunOptions()
     t0 = time.perf_counter()
     config = load_config(config_path)
@@ -140,17 +145,18 @@ def run(config_path: str | os.PathLike, out: str | os.PathLike, options: RunOpti
         manifest["shards"][plan.shards[i].filename] = {"size": f.stat().st_size}
         write_json_atomic(manifest_path, manifest)
 
-    from .execute import Executor
-
     executor = Executor(plan, out, device, options.prefetch, skip, on_progress, shard_done, options.check_nonfinite,
                         options.fsync)
+    from .kernels import dispatch
+
+    dispatch.reset()
     result = executor.run()
     _finish_folder(out, plan, config, config_path, options)
     shards = [ShardReport(s.filename, s.bytes_read, s.bytes_written, s.seconds, skipped=i in skip)
               for i, s in enumerate(result.shards)]
     return RunReport(method=plan.method, out_dir=str(out), seconds=time.perf_counter() - t0, peak_rss=peak_rss_bytes(),
                      budget=plan.budget, device=result.device, shards=shards, nonfinite_tensors=result.nonfinite,
-                     warnings=list(plan.warnings))
+                     warnings=list(plan.warnings), kernels=dispatch.used())
 
 
 def _finish_folder(out: Path, plan: Plan, config: MergeConfig, config_path, options: RunOptions) -> None:

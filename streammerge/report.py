@@ -49,6 +49,7 @@ class RunReport:
     shards: list[ShardReport] = field(default_factory=list)
     nonfinite_tensors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    kernels: dict[str, list[str]] = field(default_factory=dict)  # primitive -> implementations that ran it
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -75,6 +76,8 @@ class RunReport:
         total_w = sum(s.bytes_written for s in self.shards)
         console.print(f"read {_fmt(total_r)}, wrote {_fmt(total_w)} in {self.seconds:.2f} s on {self.device}; "
                       f"peak RSS {self.peak_rss / 2**30:.2f} GiB (budget {self.budget / 2**30:.2f} GiB)")
+        if self.kernels:
+            console.print("kernels: " + "; ".join(f"{p} {', '.join(v)}" for p, v in self.kernels.items()))
         from rich.markup import escape
 
         for w in self.warnings:

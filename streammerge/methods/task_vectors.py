@@ -14,16 +14,26 @@ Passes per tensor:
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-
-from ..kernels.philox import bernoulli_keep, stream_id
-from ..kernels.threshold import KthMagnitude, Threshold, magnitude_keys, topk_mask
-from ..kernels.vote import mix
+from .._lazy import lazy_module, lazy_names
 from .registry import MethodSpec, ModelPass, Param, Reduce, TensorJob, in_range
+
+if TYPE_CHECKING:
+    from ..kernels.threshold import Threshold
+
+torch = lazy_module("torch")
+bernoulli_keep, stream_id = lazy_names("streammerge.kernels.philox", "bernoulli_keep", "stream_id")
+KthMagnitude, equal_per_row, magnitude_keys, topk_mask = lazy_names(
+    "streammerge.kernels.threshold", "KthMagnitude", "equal_per_row", "magnitude_keys", "topk_mask")
+(merge_deltas,) = lazy_names("streammerge.kernels.vote", "merge_deltas")
+(della_keep,) = lazy_names("streammerge.kernels.della", "della_keep")
+(row_l1,) = lazy_names("streammerge.kernels.norms", "row_l1")
+(scratch,) = lazy_names("streammerge.kernels.scratch", "scratch")
 
 RESCALE_EPS = 1e-7
 
@@ -41,7 +51,7 @@ def _deltas(job: TensorJob, chunks: list[torch.Tensor]) -> tuple[torch.Tensor, l
     assert job.base is not None
     base = chunks[job.base]
     others = [i for i in range(len(chunks)) if i != job.base]
-    d = base.new_empty((len(others), *base.shape))
+    d = scratch("deltas", (len(others), *base.shape), base.dtype, base.device)
     for j, i in enumerate(others):
         torch.sub(chunks[i], base, out=d[j])
     return base, others, d
@@ -74,18 +84,27 @@ class _Thresholds:
     finders: list[KthMagnitude | None]
 
 
+_HIST_PASSES = {"BF16": 1, "F16": 1, "F32": 2, "F64": 4}  # KthMagnitude(dtype).passes, known without torch
+
+
 def _magnitude_reduces(job: TensorJob, kind: str, rescale: bool) -> tuple[Reduce, ...]:
     others = [i for i in range(len(job.model_params)) if i != job.base]
-    finders: list[KthMagnitude | None] = [
-        KthMagnitude(job.compute_dtype, job.numel, _ranks(job, i, kind)) if _needs_mask(job, i) else None
-        for i in others
-    ]
-    live = [f for f in finders if f is not None]
-    n_passes = live[0].passes if live else 0
+    masked = [_needs_mask(job, i) for i in others]
+    n_passes = _HIST_PASSES[job.compute_code] if any(masked) else 0
+    made: list[KthMagnitude | None] = []
+    lock = threading.Lock()
+
+    def finders() -> list[KthMagnitude | None]:  # made by the first pass: planning only counts the passes
+        with lock:
+            if not made:
+                made.extend(KthMagnitude(job.compute_dtype, job.numel, _ranks(job, i, kind)) if m else None
+                            for i, m in zip(others, masked))
+                assert all(f is None or f.passes == n_passes for f in made), "_HIST_PASSES is out of date"
+        return made
 
     def hist_pass(p: int) -> Reduce:
         def init(job: TensorJob) -> list[KthMagnitude | None]:
-            return [f.spawn() if f is not None else None for f in finders]
+            return [f.spawn() if f is not None else None for f in finders()]
 
         def update(state, job, chunks, row0) -> None:
             _, _, d = _deltas(job, chunks)
@@ -99,11 +118,11 @@ def _magnitude_reduces(job: TensorJob, kind: str, rescale: bool) -> tuple[Reduce
                     a.absorb(b)
 
         def finish(state, job, stats) -> list[KthMagnitude | None]:
-            for shared, part in zip(finders, state):
+            for shared, part in zip(finders(), state):
                 if shared is not None:
                     shared.absorb(part)
                     shared.finish_pass(p)
-            return finders
+            return finders()
 
         return Reduce(init, update, finish, merge)
 
@@ -113,7 +132,7 @@ def _magnitude_reduces(job: TensorJob, kind: str, rescale: bool) -> tuple[Reduce
     def count_update(state: dict, job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
         _, _, d = _deltas(job, chunks)
         rows = d.shape[1] if d.dim() >= 3 else 1
-        for j, f in enumerate(finders):
+        for j, f in enumerate(finders()):
             if f is None:
                 continue
             eq, l1, kept = _count_rows(d[j].reshape(rows, -1), _thresholds(f), rescale)
@@ -128,7 +147,7 @@ def _magnitude_reduces(job: TensorJob, kind: str, rescale: bool) -> tuple[Reduce
 
     def count_finish(state: dict, job: TensorJob, stats) -> dict:
         prefix, scale = [], []
-        for j, f in enumerate(finders):
+        for j, f in enumerate(finders()):
             entry, factor = (None, 1.0) if f is None else _prefix_and_scale(
                 _thresholds(f), state["eq"][j], None, state["l1"][j], state["kept"][j], rescale)
             prefix.append(entry)
@@ -136,7 +155,7 @@ def _magnitude_reduces(job: TensorJob, kind: str, rescale: bool) -> tuple[Reduce
         return {"prefix": prefix, "scale": scale}
 
     passes = tuple(hist_pass(p) for p in range(n_passes))
-    return passes + (Reduce(count_init, count_update, count_finish, count_merge),) if live else ()
+    return passes + (Reduce(count_init, count_update, count_finish, count_merge),) if any(masked) else ()
 
 
 def _thresholds(f: KthMagnitude) -> tuple[Threshold, ...]:
@@ -146,10 +165,10 @@ def _thresholds(f: KthMagnitude) -> tuple[Threshold, ...]:
 def _count_rows(flat: torch.Tensor, ths: Sequence[Threshold], rescale: bool) -> tuple[torch.Tensor, list[float], list[float]]:
     """Per row of a [rows, n] band: elements equal to each threshold, and with rescale Σ|δ| and the Σ|δ|
     strictly above the first threshold (fp64 row sums, combined later with math.fsum)."""
-    key = magnitude_keys(flat)
-    eq = torch.stack([(key == th.bits).sum(dim=1) for th in ths])
+    eq = equal_per_row(flat, [th.bits for th in ths])
     if not rescale:
         return eq, [], []
+    key = magnitude_keys(flat)
     mag = flat.abs()
     kept = torch.where(key > ths[0].bits, mag, 0).sum(dim=1, dtype=torch.float64)
     return eq, mag.sum(dim=1, dtype=torch.float64).tolist(), kept.tolist()
@@ -173,7 +192,7 @@ def _prefix_and_scale(ths: tuple[Threshold, ...], eq: list[torch.Tensor], offset
 
 
 def _magnitude_masks(job: TensorJob, d: torch.Tensor, stats: dict, row0: int, kind: str) -> torch.Tensor | None:
-    mask = torch.ones(d.shape, dtype=torch.bool, device=d.device)
+    mask = scratch("masks", tuple(d.shape), torch.bool, d.device).fill_(True)
     any_mask = False
     for j, entry in enumerate(stats["prefix"]):
         if entry is None:
@@ -296,55 +315,60 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float64) else torch.float32
 
 
-def _keep_probability(job: TensorJob, i: int, kind: str, band: torch.Tensor) -> float | torch.Tensor:
-    d = float(_mp(job, i, "density"))
-    if kind == "random":
-        return float(torch.tensor(d, dtype=_work_dtype(job.compute_dtype)))
-    eps = float(_mp(job, i, "epsilon"))
-    rows = band.reshape(band.shape[0], -1) if band.dim() >= 2 and len(job.shape) >= 2 else band.reshape(1, -1)
-    n = rows.shape[1]
-    order = torch.argsort(rows.abs().float(), dim=1, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(n, device=band.device).expand_as(order))
-    rn = rank.float() / max(n - 1, 1)
-    return ((d - eps) + rn * (2 * eps)).reshape(-1)
+def _dare_p(job: TensorJob, i: int) -> float:
+    """DARE's keep probability: the density rounded to the work dtype, as mergekit draws against it."""
+    return _rounded(float(_mp(job, i, "density")), _work_dtype(job.compute_dtype))
+
+
+@functools.lru_cache(maxsize=64)
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    return float(torch.tensor(value, dtype=dtype))
+
+
+def _rows(job: TensorJob, band: torch.Tensor) -> torch.Tensor:
+    """DELLA ranks within rows: a matrix band as [rows, n]; a 1-D tensor is one row."""
+    if band.dim() >= 2 and len(job.shape) >= 2:
+        return band.reshape(band.shape[0], -1)
+    return band.reshape(1, -1)
 
 
 def _bernoulli_masks(job: TensorJob, d: torch.Tensor, row0: int, kind: str) -> torch.Tensor | None:
     others = [i for i in range(len(job.model_params)) if i != job.base]
     if not any(_needs_mask(job, i) for i in others):
         return None
-    mask = torch.ones(d.shape, dtype=torch.bool, device=d.device)
+    mask = scratch("masks", tuple(d.shape), torch.bool, d.device).fill_(True)
     start, count = _flat_start(job, row0), d[0].numel()
     for j, i in enumerate(others):
-        if _needs_mask(job, i):
-            p = _keep_probability(job, i, kind, d[j])
-            keep = bernoulli_keep(job.seed, stream_id(job.model_ids[i], job.name), start, count, p, device=d.device)
-            mask[j] = keep.reshape(d[j].shape)
+        if not _needs_mask(job, i):
+            continue
+        stream = stream_id(job.model_ids[i], job.name)
+        if kind == "random":
+            keep = bernoulli_keep(job.seed, stream, start, count, _dare_p(job, i), device=d.device)
+        else:
+            keep = della_keep(_rows(job, d[j]), float(_mp(job, i, "density")), float(_mp(job, i, "epsilon")),
+                              job.seed, stream, start)
+        mask[j] = keep.reshape(d[j].shape)
     return mask
 
 
 def _bernoulli_reduces(job: TensorJob, kind: str) -> tuple[Reduce, ...]:
+    """‖δ‖₁ and ‖masked δ‖₁ per row. The map draws the mask again: a Philox draw costs less than
+    holding a whole tensor's masks between the passes."""
     def init(job):
-        return {"l1": [], "kept": [], "masks": {}}
+        return {"l1": [], "kept": []}
 
     def update(state, job, chunks, row0):
         _, _, d = _deltas(job, chunks)
         mask = _bernoulli_masks(job, d, row0, kind)
         k = d.shape[0]
-        mag = d.reshape(k, d.shape[1] if d.dim() >= 3 else 1, -1).abs()
-        state["l1"].append(mag.sum(dim=2, dtype=torch.float64))
-        if mask is not None:
-            state["kept"].append(torch.where(mask.reshape(mag.shape), mag, 0).sum(dim=2, dtype=torch.float64))
-            if job.single_band:  # the map runs on this same band next: keep its mask instead of drawing again
-                state["masks"][(row0, d.shape[1] if d.dim() >= 2 else 0)] = mask
-        else:
-            state["kept"].append(mag.sum(dim=2, dtype=torch.float64))
+        shape = (k, d.shape[1] if d.dim() >= 3 else 1, -1)
+        l1, kept = row_l1(d.reshape(shape), None if mask is None else mask.reshape(shape))
+        state["l1"].append(l1)
+        state["kept"].append(kept)
 
     def merge(into, other):
         into["l1"].extend(other["l1"])
         into["kept"].extend(other["kept"])
-        into["masks"].update(other["masks"])
 
     def finish(state, job, stats):
         l1 = torch.cat(state["l1"], dim=1) if state["l1"] else torch.zeros(0, 0, dtype=torch.float64)
@@ -353,7 +377,7 @@ def _bernoulli_reduces(job: TensorJob, kind: str) -> tuple[Reduce, ...]:
         for j in range(l1.shape[0]):
             total, part = math.fsum(l1[j].tolist()), math.fsum(kept[j].tolist())
             scale.append(total / part if total >= RESCALE_EPS and part >= RESCALE_EPS else 1.0)
-        return {"scale": scale, "masks": state["masks"]}
+        return {"scale": scale}
 
     return (Reduce(init, update, finish, merge),)
 
@@ -406,10 +430,7 @@ def _make(name: str, sparsify: str | None, consensus: bool, normalize: bool, res
             mask = _magnitude_masks(job, d, stats[-1], row0, sparsify)
             scale = stats[-1]["scale"] if job.params["rescale"] else None
         elif sparsify in ("random", "della"):
-            cached = stats[-1].get("masks", {}) if stats else {}
-            mask = cached.pop((row0, d.shape[1] if d.dim() >= 2 else 0), None)
-            if mask is None:
-                mask = _bernoulli_masks(job, d, row0, sparsify)
+            mask = _bernoulli_masks(job, d, row0, sparsify)
             if job.params["rescale"]:
                 if job.params["rescale_mode"] == "l1":
                     scale = stats[-1]["scale"]
@@ -419,9 +440,9 @@ def _make(name: str, sparsify: str | None, consensus: bool, normalize: bool, res
             scale = torch.tensor(scale, dtype=torch.float64).to(_work_dtype(d.dtype)).to(d.dtype)
         weights = [float(_mp(job, i, "weight")) for i in others]
         method = job.params.get("consensus", "sum") if consensus else None
-        mixed = mix(d, weights, mask, scale=scale, consensus=method, normalize=bool(job.params["normalize"]),
-                    lam=float(job.params["lambda"]))
-        return (base + mixed).to(base.dtype)
+        return merge_deltas(base, d, weights, mask, scale=scale, consensus=method,
+                            normalize=bool(job.params["normalize"]), lam=float(job.params["lambda"]),
+                            experts=[chunks[i] for i in others])
 
     def validate(job: TensorJob) -> str | None:
         if sparsify == "della":
@@ -463,3 +484,4 @@ DELLA_LINEAR = _make("della_linear", "della", False, False, True, "della without
                      "https://arxiv.org/abs/2406.11617")
 
 SPECS = (TASK_ARITHMETIC, TIES, DARE_TIES, DARE_LINEAR, BREADCRUMBS, BREADCRUMBS_TIES, DELLA, DELLA_LINEAR)
+

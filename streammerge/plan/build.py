@@ -15,13 +15,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
-import torch
-
 from ..arch import Arch, infer_arch
 from ..config import MergeConfig, OutputSlice, SliceSource, evaluate, resolve_model_path
 from ..errors import BudgetError, CheckpointError, ConfigError, ProblemsError, StreammergeError
-from ..io.header import CODE_OF, DTYPES, FLOAT_CODES, TensorInfo
+from ..io.header import FLOAT_CODES, ITEMSIZE, TensorInfo
 from ..io.reader import ModelFiles, open_model
 from ..methods import MethodSpec, TensorJob, get_method
 from ..methods.registry import REQUIRED, Param
@@ -243,12 +240,14 @@ class Planner:
 
         model_index = {ref: i for i, ref in enumerate(self.model_refs)}
         budget = self.options.budget()
-        baseline = psutil.Process().memory_info().rss
+        baseline = budget_mod.baseline_rss()
         data_budget = budget - baseline - budget_mod.ALLOCATOR_SLACK
         if data_budget <= 0:
             raise BudgetError(f"--max-memory {budget / 2**30:.2f} GiB is below what the process already uses "
                               f"({baseline / 2**30:.2f} GiB for Python and torch); raise it to at least "
                               f"{(baseline + budget_mod.ALLOCATOR_SLACK) / 2**30 + 0.25:.2f} GiB")
+        widest_k = max((len(e[2]) for e in entries), default=1)
+        self._block_elems = budget_mod.block_elems(data_budget, widest_k, "F32", _threads())
         tensors: list[TensorPlan] = []
         peak = 0
         for out_name, kind, ins, sl, t in entries:
@@ -287,9 +286,12 @@ class Planner:
                                  for p in applicable))
         rows = shape[0] if len(shape) >= 2 else 1
         row_elems = infos[0].row_elems
-        rpc = budget_mod.rows_per_chunk(out_name, rows, infos, row_elems, compute, out_dtype,
-                                        self.options.prefetch, data_budget, budget, self.options.chunk_rows)
-        in_flight = budget_mod.in_flight(rpc, infos, row_elems, compute, out_dtype, self.options.prefetch)
+        blocked = self.spec.row_local and self.options.device == "cpu"
+        block_work = budget_mod.block_work(len(infos), compute, _threads(), self._block_elems) if blocked else 0
+        rpc = budget_mod.rows_per_chunk(out_name, rows, infos, row_elems, compute, out_dtype, self.options.prefetch,
+                                        data_budget - block_work, budget, self.options.chunk_rows, blocked)
+        in_flight = block_work + budget_mod.in_flight(rpc, infos, row_elems, compute, out_dtype,
+                                                      self.options.prefetch, blocked)
         numel = 1
         for d in shape:
             numel *= d
@@ -298,7 +300,7 @@ class Planner:
             inputs=tuple(Source(model_index[ref], info, rows if crop else None) for (ref, _), info in zip(ins, infos)),
             base=base_idx, params=params, model_params=tuple(mparams), kind=kind,
             passes=1, rows=rows, row_elems=row_elems, rows_per_chunk=rpc, shard=-1,
-            bytes_in=sum(rows * i.row_bytes for i in infos), bytes_out=numel * DTYPES[out_dtype][1],
+            bytes_in=sum(rows * i.row_bytes for i in infos), bytes_out=numel * ITEMSIZE[out_dtype],
         )
         job = TensorJob.from_plan(plan, self.options.seed)
         plan = replace(plan, passes=len(self.spec.reduces_for(job)) + 1)
@@ -337,22 +339,24 @@ class Planner:
             tokenizer_model=tokenizer_model,
             warnings=tuple(self.warnings),
             model_sweeps=sweeps,
+            block_elems=self._block_elems,
         )
 
     def _result_dtype(self, compute: str) -> str:
         """Without out_dtype, tensors are written in the dtype the method returns (mergekit's rule)."""
         if self.spec.result_dtype is None:
             return compute
-        dt = self.spec.result_dtype(DTYPES[compute][0])
-        return CODE_OF[dt]
+        from ..io.header import CODE_OF, torch_dtype  # torch: only the methods that declare result_dtype
+
+        return CODE_OF[self.spec.result_dtype(torch_dtype(compute))]
 
     def _compute_dtype(self, infos: list[TensorInfo]) -> str:
         if self.config.dtype:
             return CODE_OF_NAME[self.config.dtype]
-        dt = infos[0].torch_dtype
+        code = infos[0].dtype
         for i in infos[1:]:
-            dt = torch.promote_types(dt, i.torch_dtype)
-        return CODE_OF[dt]
+            code = promote_float(code, i.dtype)
+        return code
 
     def _common_shape(self, out_name: str, kind: str, infos: list[TensorInfo], refs: list[str]) -> tuple[int, ...]:
         """Embeddings whose vocabularies differ are cropped to the smallest (mergekit's rule); any other
@@ -378,6 +382,15 @@ class Planner:
             return model_index[src]
         raise ConfigError(f"tokenizer_source: {src!r} is not one of the models in this merge; use 'base' or a model path "
                           "that appears under models/slices")
+
+
+def promote_float(a: str, b: str) -> str:
+    """torch.promote_types on float codes, without torch: the wider one; bf16 with fp16 gives fp32."""
+    if a == b:
+        return a
+    if ITEMSIZE[a] != ITEMSIZE[b]:
+        return a if ITEMSIZE[a] > ITEMSIZE[b] else b
+    return "F32"
 
 
 def _problem_kind(e: Exception) -> str:
@@ -410,3 +423,8 @@ def build_plan(config: MergeConfig, config_path: str | os.PathLike | None, optio
     """Validate a config against the checkpoints' headers and plan the whole merge."""
     config_dir = Path(config_path).resolve().parent if config_path else None
     return Planner(config, config_dir, options).build()
+
+
+def _threads() -> int:
+    """Compute threads a CPU run will use (torch's intra-op default: one per core)."""
+    return os.cpu_count() or 1

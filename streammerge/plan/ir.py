@@ -61,6 +61,7 @@ class Plan:
     tokenizer_model: int | None = None
     warnings: tuple[str, ...] = ()
     model_sweeps: int = 0               # whole-model passes before the per-tensor ones (TIES scope: model)
+    block_elems: int = 1 << 17          # CPU compute block (elements), sized by the budget
 
     @property
     def bytes_in(self) -> int:

@@ -1,0 +1,44 @@
+"""Magnitude-threshold loops for 16-bit floats (bf16, fp16): histogram, equal counts, top-k mask.
+
+Keys are ``bits & 0x7FFF`` (|x| as an integer, see ``kernels/threshold.py``); each loop reads the
+bit pattern once, where the torch versions build key, comparison and cumsum temporaries.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+_KEY = np.uint16(0x7FFF)
+
+
+@nb.njit(nogil=True, cache=True)
+def histogram16(hist, bits):
+    """``hist[key] += 1`` for every element's key (one exact pass for 16-bit floats)."""
+    for i in range(bits.size):
+        hist[bits[i] & _KEY] += 1
+
+
+@nb.njit(nogil=True, cache=True)
+def equal_per_row16(out, bits, th):
+    """``out[t, r]`` = elements of row ``r`` whose key equals ``th[t]``."""
+    rows, n = bits.shape
+    for t in range(th.size):
+        target = th[t]
+        for r in range(rows):
+            c = 0
+            for j in range(n):
+                c += (bits[r, j] & _KEY) == target
+            out[t, r] = c
+
+
+@nb.njit(nogil=True, cache=True)
+def topk_mask16(out, bits, th, room):
+    """Keys above ``th``, plus the first ``room`` keys equal to it; returns the count of equal keys."""
+    seen = 0
+    for i in range(bits.size):
+        key = np.int64(bits[i] & _KEY)
+        eq = key == th
+        out[i] = (key > th) | (eq & (seen < room))
+        seen += eq
+    return seen

@@ -1,0 +1,54 @@
+"""DELLA's keep mask (MagPrune): keep probability rising with the rank of |δ| within its row.
+
+For a row of ``n`` elements, the element of rank ``r`` (0 = smallest |δ|; equal magnitudes ranked in
+index order, a stable sort) is kept with probability ``p = (density - eps) + r / (n - 1) * 2 eps``,
+drawn from the element's Philox uniform: ``keep = u < p``.  Everything is float32 in the order
+written (it is the arithmetic of the torch code that defines the result).  Ranks are per row, so a
+band of whole rows gives the same mask as the whole tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+from .philox import bernoulli_keep
+
+__all__ = ["della_keep", "keep_probability"]
+
+
+def keep_probability(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Per-element keep probabilities (float32, flat) of a ``[rows, n]`` δ band: the torch reference."""
+    n = rows.shape[1]
+    order = torch.argsort(rows.abs().float(), dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(n, device=rows.device).expand_as(order))
+    rn = rank.float() / max(n - 1, 1)
+    return ((density - epsilon) + rn * (2 * epsilon)).reshape(-1)
+
+
+def della_keep(rows: torch.Tensor, density: float, epsilon: float, seed: int, stream: int, start: int) -> torch.Tensor:
+    """Keep mask (bool, flat) of a ``[rows, n]`` δ band whose first element is ``start`` of the stream."""
+    if rows.dim() != 2:
+        raise ValueError(f"della_keep needs a [rows, n] band, got shape {tuple(rows.shape)}")
+    impl = dispatch.choose("della_keep", rows.device)
+    if impl == "numba" and rows.dtype == torch.bfloat16 and rows.numel():
+        import numpy as np
+
+        from ._numba import della as kernel
+
+        out = torch.empty(rows.numel(), dtype=torch.bool)
+        bits = rows.contiguous().view(torch.int16).numpy().view(np.uint16)
+        kernel.keep_rows_bf16(out.numpy(), bits, np.float32(density - epsilon), np.float32(2 * epsilon),
+                              np.uint64(seed), np.uint64(stream), np.uint64(start))
+        dispatch.ran("della_keep", impl, rows.device)
+        return out
+    if impl == "triton" and rows.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        from ._triton.della import della_keep as triton_della_keep
+
+        out = triton_della_keep(rows, density, epsilon, seed, stream, start)
+        dispatch.ran("della_keep", impl, rows.device)
+        return out
+    p = keep_probability(rows, density, epsilon)
+    dispatch.ran("della_keep", "torch", rows.device)
+    return bernoulli_keep(seed, stream, start, rows.numel(), p, device=rows.device)

@@ -1,0 +1,181 @@
+"""The numba CPU kernels against their torch references, and the dispatch that picks between them.
+
+Each kernel must give the reference's bits (NaN payloads aside: torch's own bf16 rounding writes
+0xFFFF on its vector path and 0x7FC0 on its scalar path), so every test runs both paths on the same
+inputs by toggling STREAMMERGE_NO_NUMBA.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from conftest import merge, shard_bytes  # noqa: E402
+from streammerge.kernels import dispatch  # noqa: E402
+from streammerge.kernels.della import della_keep  # noqa: E402
+from streammerge.kernels.norms import row_l1  # noqa: E402
+from streammerge.kernels.philox import bernoulli_keep, philox_uniform, philox_words  # noqa: E402
+from streammerge.kernels.vote import merge_deltas  # noqa: E402
+
+
+def both(monkeypatch, fn):
+    """(torch result, numba result) of ``fn()``, checking dispatch chose what each run asked for."""
+    monkeypatch.setenv("STREAMMERGE_NO_NUMBA", "1")
+    assert dispatch.choose("taskvec", "cpu") == "torch"
+    ref = fn()
+    monkeypatch.setenv("STREAMMERGE_NO_NUMBA", "0")
+    assert dispatch.choose("taskvec", "cpu") == "numba"
+    return ref, fn()
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """Bit pattern with every NaN folded to one value."""
+    view = x.view(torch.int16 if x.element_size() == 2 else torch.int32)
+    return torch.where(x.isnan(), torch.zeros_like(view), view)
+
+
+@pytest.mark.parametrize("start,count", [(0, 1), (3, 5), (1, 1000), (2**40 + 3, 4099), (2**64 - 70, 70)])
+def test_philox_words_uniforms_and_masks_match_torch(monkeypatch, start, count):
+    seed, stream = 2**64 - 5, 0x0123456789ABCDEF
+    for fn in (lambda: philox_words(seed, stream, start, count),
+               lambda: philox_uniform(seed, stream, start, count),
+               lambda: bernoulli_keep(seed, stream, start, count, 0.37),
+               lambda: bernoulli_keep(seed, stream, start, count, 1.0)):
+        ref, got = both(monkeypatch, fn)
+        assert ref.dtype == got.dtype and torch.equal(ref, got)
+
+
+def _mix_inputs(k: int, n: int = 3001):
+    g = torch.Generator().manual_seed(k)
+    base = torch.randn(n, generator=g).to(torch.bfloat16)
+    d = (torch.randn(k, n, generator=g) * torch.rand(k, 1, generator=g)).to(torch.bfloat16)
+    d[:, :40] = 0
+    d[:, 40:45] = -0.0
+    d[0, 50:90] = -d[-1, 50:90]  # exact cancellations: zero sums
+    d[:, 100:110] = 1e-39  # subnormal
+    d[0, 200], d[-1, 201], d[0, 202] = float("nan"), float("inf"), -float("inf")
+    mask = torch.rand(k, n, generator=g) < 0.5
+    return base, d, mask
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_fused_mix_is_bit_identical_to_the_eager_chain(monkeypatch, k):
+    base, d, mask = _mix_inputs(k)
+    grid = itertools.product([None, "sum", "count"], [False, True], [1.0, 0.37], [False, True], [False, True],
+                             [False, True])
+    for consensus, normalize, lam, use_mask, use_scale, negative in grid:
+        weights = [0.3 * (i + 1) * (-1 if negative and i == 0 else 1) for i in range(k)]
+        scale = torch.tensor([1.7 + i for i in range(k)]).to(torch.bfloat16) if use_scale else None
+
+        def run():
+            return merge_deltas(base, d, weights, mask if use_mask else None, scale=scale, consensus=consensus,
+                                normalize=normalize, lam=lam)
+
+        ref, got = both(monkeypatch, run)
+        case = (consensus, normalize, lam, use_mask, use_scale, negative)
+        assert torch.equal(bits(ref), bits(got)), case
+        assert torch.equal(ref.isnan(), got.isnan()), case
+
+
+def test_fused_mix_handles_weights_summing_to_zero(monkeypatch):
+    base, d, mask = _mix_inputs(2)
+    for consensus in (None, "sum"):
+        ref, got = both(monkeypatch, lambda: merge_deltas(base, d, [0.5, -0.5], mask, consensus=consensus,
+                                                          normalize=True))
+        assert torch.equal(bits(ref), bits(got))
+
+
+@pytest.mark.parametrize("rows,n", [(3, 2048), (1, 1), (2, 5), (4, 777)])
+def test_della_keep_matches_the_argsort_reference(monkeypatch, rows, n):
+    g = torch.Generator().manual_seed(n)
+    d = (torch.randn(rows, n, generator=g) * 0.01).to(torch.bfloat16)
+    if n >= 6:
+        d[:, : n // 3] = d[:, n // 3 : 2 * (n // 3)]  # many exact ties: stable order decides
+        d[0, 3], d[0, 4], d[0, 5] = float("nan"), float("inf"), -0.0
+        d[-1, :3] = -float("nan")
+    ref, got = both(monkeypatch, lambda: della_keep(d, 0.5, 0.2, 7, 99, 12345))
+    assert torch.equal(ref, got)
+    if rows * n > 1000:
+        assert 0.45 < got.float().mean().item() < 0.55
+
+
+def test_row_l1_matches_torch_to_float64_rounding(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    d = (torch.randn(3, 16, 700, generator=g) * torch.logspace(-6, 2, 700)).to(torch.bfloat16)
+    mask = torch.rand(3, 16, 700, generator=g) < 0.5
+    for m in (None, mask):
+        ref, got = both(monkeypatch, lambda: row_l1(d, m))
+        for a, b in zip(ref, got):
+            torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
+
+
+def test_dispatch_falls_back_to_torch(monkeypatch):
+    monkeypatch.delenv("STREAMMERGE_NO_NUMBA", raising=False)
+    monkeypatch.delenv("STREAMMERGE_NO_TRITON", raising=False)
+    assert dispatch.choose("philox", "cpu") == "numba"
+    monkeypatch.setattr(dispatch, "_importable", lambda name: name != "numba")
+    assert dispatch.choose("philox", "cpu") == "torch"
+    assert dispatch.choose("philox", "cuda") == "triton"  # deciding needs no device, only the module
+    monkeypatch.setenv("STREAMMERGE_NO_TRITON", "1")
+    assert dispatch.choose("taskvec", "cuda") == "torch"
+    monkeypatch.setattr(dispatch, "_importable", lambda name: False)
+    monkeypatch.delenv("STREAMMERGE_NO_TRITON")
+    assert dispatch.choose("taskvec", "cuda") == "torch"
+    with pytest.raises(ValueError, match="unknown primitive"):
+        dispatch.choose("fft", "cpu")
+
+
+def test_run_report_names_the_kernels_and_both_paths_write_the_same_bytes(tiny_family, tmp_path, monkeypatch):
+    from streammerge import RunOptions, run
+    from conftest import write_yaml
+
+    base, experts = tiny_family
+    for method, extra in (("ties", {}), ("dare_ties", {}), ("della", {"epsilon": 0.1})):
+        cfg = {"merge_method": method, "base_model": str(base), "dtype": "bfloat16",
+               "models": [{"model": str(e), "parameters": {"weight": 0.4, "density": 0.5, **extra}} for e in experts]}
+        monkeypatch.setenv("STREAMMERGE_NO_NUMBA", "1")
+        ref = shard_bytes(merge(cfg, tmp_path, f"{method}-torch"))
+        monkeypatch.setenv("STREAMMERGE_NO_NUMBA", "0")
+        path = write_yaml(tmp_path / f"{method}.yml", cfg)
+        report = run(path, tmp_path / f"{method}-numba", RunOptions(max_memory=2 << 30, progress=False))
+        assert shard_bytes(tmp_path / f"{method}-numba") == ref, method
+        assert report.kernels["taskvec"] == ["numba-cpu"], report.kernels
+        if method != "ties":
+            assert "numba-cpu" in report.kernels["philox" if method == "dare_ties" else "della_keep"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_threshold_loops_match_torch(monkeypatch, dtype):
+    from streammerge.kernels.threshold import KthMagnitude, equal_per_row, topk_mask
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(40, 333, generator=g) * 4).round().to(dtype)  # few distinct values: many ties
+    n = x.numel()
+
+    def thresholds():
+        f = KthMagnitude(dtype, n, [1, n // 3, n - 1])
+        for rows in x.split(7):
+            f.update(rows, 0)
+        f.finish_pass(0)
+        return [f.threshold_for(k) for k in f.ks]
+
+    ref_th, got_th = both(monkeypatch, thresholds)
+    assert ref_th == got_th
+    for th in got_th:
+        def masks():
+            seen, out = 0, []
+            for rows in x.split(7):
+                m, eq = topk_mask(rows, th, seen)
+                seen += eq
+                out.append(m)
+            return torch.cat(out), seen
+
+        (ref_m, ref_seen), (got_m, got_seen) = both(monkeypatch, masks)
+        assert torch.equal(ref_m, got_m) and ref_seen == got_seen == th.n_equal
+        assert int(got_m.sum()) == th.k
+    ref_eq, got_eq = both(monkeypatch, lambda: equal_per_row(x, [th.bits for th in got_th]))
+    assert torch.equal(ref_eq, got_eq)
