@@ -51,8 +51,10 @@ def method_config(method: str, base: Path, experts: list[Path], dtype: str) -> d
     cfg: dict
     if method == "linear":  # normalize defaults to true
         cfg = {"models": [{"model": m, "parameters": {"weight": w}} for m in exp]}
-    elif method in ("multislerp", "karcher"):
+    elif method == "multislerp":
         cfg = {"models": [{"model": m, "parameters": {"weight": w}} for m in exp]}
+    elif method == "karcher":  # mergekit 0.1.5's karcher weighs the models equally: no weight parameter
+        cfg = {"models": [{"model": m} for m in exp]}
     elif method == "task_arithmetic":
         cfg = {"base_model": str(base), "models": [{"model": m, "parameters": {"weight": w}} for m in exp]}
     elif method in ("ties", "dare_ties", "dare_linear", "della", "della_linear"):
@@ -85,12 +87,24 @@ def method_config(method: str, base: Path, experts: list[Path], dtype: str) -> d
         if k < 2:
             raise SystemExit("nuslerp needs at least 2 experts (--experts 2)")
         cfg = {"models": [{"model": m, "parameters": {"weight": 0.5}} for m in exp[:2]]}
+    elif method in ("nearswap", "arcee_fusion"):  # the base and one expert
+        cfg = {"base_model": str(base), "models": [{"model": str(base)}, {"model": exp[0]}]}
+        if method == "nearswap":
+            cfg["parameters"] = {"t": 0.01}
+    elif method in ("ram", "ramplus_tl"):
+        cfg = {"base_model": str(base), "models": [{"model": m} for m in exp], "parameters": {"epsilon": 0.02}}
+        if method == "ramplus_tl":
+            cfg["parameters"].update({"r": 0.5, "alpha": 0.9})
+    elif method == "widen":  # streammerge only: mergekit 0.1.5 has no widen
+        cfg = {"base_model": str(base), "models": [{"model": m} for m in exp]}
     else:
         raise SystemExit(f"unknown --method {method!r}; choose from: {', '.join(sorted(METHODS))}")
     return {"merge_method": method, **cfg, "dtype": dtype}
 
 
-METHODS = sorted(DETERMINISTIC | {"dare_ties", "dare_linear", "della", "della_linear"})
+METHODS = sorted(DETERMINISTIC | {"dare_ties", "dare_linear", "della", "della_linear", "nearswap", "arcee_fusion", "ram",
+                                   "ramplus_tl", "widen"})
+NO_MERGEKIT = {"widen"}  # methods mergekit 0.1.5 does not have: streammerge runs alone
 
 
 # ---------------------------------------------------------------- measuring a child process
@@ -383,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         outs: dict[str, Path] = {}
         for tool, exe in tools.items():
             out = work / f"out-{method}-{tool}"
+            if tool == "mergekit" and method in NO_MERGEKIT:
+                continue
             if tool == "mergekit":
                 cmd = [exe, str(cfg), str(out), "--lazy-unpickle", *shlex.split(args.mergekit_args)]
             else:

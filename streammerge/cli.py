@@ -20,6 +20,8 @@ COMMANDS = ("run", "check", "demo", "synth", "bench")
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", default=None, help="hard ceiling on resident memory, e.g. 1GiB (default: half the available RAM, 1-16 GiB)")
+    p.add_argument("--max-gpu-memory", default=None,
+                   help="ceiling on the device buffers of a CUDA run, e.g. 8GiB (default: 80%% of the GPU's memory)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where to compute (default: cpu)")
     p.add_argument("--cuda", action="store_true", help="mergekit alias for --device cuda")
     p.add_argument("--out-shard-size", default="5B", help="maximum output shard size (default: 5B, mergekit's: 5e9 bytes)")
@@ -66,14 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--method", default="linear", help="method for the demo merge (default: linear)")
     pd.add_argument("--no-progress", action="store_true")
     pb = sub.add_parser("bench", help="merge synthetic checkpoints and print the per-shard throughput")
-    pb.add_argument("--preset", default="small", help="tiny, small or 1b (default: small)")
+    pb.add_argument("--preset", default="small", help="tiny, small, 1b or 3b (default: small)")
     pb.add_argument("--method", default="linear", help="linear, task_arithmetic, slerp, ties, dare_ties, della or passthrough (default: linear)")
     pb.add_argument("--data", default=None, help="keep (and reuse) the synthetic inputs here (default: a temporary folder)")
     pb.add_argument("--report", default=None, metavar="FILE.json", help="write the run report as JSON")
     _common(pb)
     ps = sub.add_parser("synth", help="write seeded synthetic Llama-shaped checkpoints")
     ps.add_argument("out")
-    ps.add_argument("--preset", default="tiny", help="tiny, small or 1b (default: tiny)")
+    ps.add_argument("--preset", default="tiny", help="tiny, small, 1b or 3b (default: tiny)")
     ps.add_argument("--experts", type=int, default=2)
     ps.add_argument("--seed", type=int, default=0)
     ps.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the preset's)")
@@ -92,6 +94,7 @@ def _options(args: argparse.Namespace, **extra):
     device = "cuda" if getattr(args, "cuda", False) else args.device
     return RunOptions(
         max_memory=parse_size(args.max_memory, "--max-memory") if args.max_memory else 0,
+        max_gpu_memory=parse_size(args.max_gpu_memory, "--max-gpu-memory") if args.max_gpu_memory else 0,
         device=device, out_shard_size=parse_size(args.out_shard_size, "--out-shard-size"),
         seed=args.random_seed, chunk_rows=args.chunk_rows, prefetch=args.prefetch, **extra)
 

@@ -4,6 +4,10 @@ writer thread pwrites finished bands into their planned shards.
 Memory is bounded by construction: the reader can only fill a band when a pool slot is free (the
 pool has `prefetch + 1` slots, each sized for the largest band of the plan), and the writer queue
 holds at most `prefetch + 1` output bands.
+
+On CUDA the pools are pinned and the copies are pipelined (`transfer.CudaStage`): the reader uploads
+each band on a copy stream as soon as it is read, the compute stream waits only for that band's
+upload, and results go back into pinned output slots on a download stream that the writer waits for.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .io.reader import RowReader
 from .io.writer import OutTensor, ShardWriter
 from .methods import TensorJob, get_method
 from .plan.ir import Plan, TensorPlan
+from .transfer import CudaStage
 
 _DONE = object()
 
@@ -34,6 +39,11 @@ class ShardStats:
     bytes_written: int = 0
     started: float = 0.0
     finished: float = 0.0
+    read_s: float = 0.0       # seconds per stage (see report.ShardReport)
+    h2d_s: float = 0.0
+    compute_s: float = 0.0
+    d2h_s: float = 0.0
+    write_s: float = 0.0
 
     @property
     def seconds(self) -> float:
@@ -47,8 +57,10 @@ class Band:
     r0: int
     r1: int
     chunks: list[torch.Tensor]
-    slot: int
+    slot: int                 # host slot (CPU: freed by the compute thread; CUDA: by the reader, once uploaded)
     nbytes: int
+    dev_slot: int | None = None
+    ready: object = None      # CUDA: the event that marks the upload into dev_slot done
 
 
 @dataclass
@@ -85,8 +97,8 @@ def _all_finite(x: torch.Tensor) -> bool:
 class _Pool:
     """Fixed slots of raw bytes; a band borrows one slot for all of its inputs."""
 
-    def __init__(self, slots: int, slot_bytes: int):
-        self.buffers = [torch.empty(max(slot_bytes, 1), dtype=torch.uint8) for _ in range(slots)]
+    def __init__(self, slots: int, slot_bytes: int, pin: bool = False):
+        self.buffers = [torch.empty(max(slot_bytes, 1), dtype=torch.uint8, pin_memory=pin) for _ in range(slots)]
         self.free: queue.Queue[int] = queue.Queue()
         for i in range(slots):
             self.free.put(i)
@@ -129,9 +141,12 @@ class Executor:
         self.error: BaseException | None = None
         self.stop = threading.Event()
         slot = max((sum(_aligned(t.rows_per_chunk * s.info.row_bytes) for s in t.inputs) for t in plan.tensors), default=1)
-        self.pool = _Pool(self.prefetch + 1, slot)
+        cuda = device.type == "cuda"
+        self.pool = _Pool(self.prefetch + 1, slot, pin=cuda)
         out_slot = max((t.rows_per_chunk * t.row_elems * DTYPES[t.out_dtype][1] for t in plan.tensors), default=1)
-        self.out_pool = _Pool(self.prefetch + 2, out_slot)
+        self.out_pool = _Pool(self.prefetch + 2, out_slot, pin=cuda)
+        self.stage = CudaStage(device, slot) if cuda else None
+        self._write_wait = 0.0  # seconds the compute thread waited for room in the writer queue
         self.bands: queue.Queue = queue.Queue(maxsize=self.prefetch)
         self.writes: queue.Queue = queue.Queue(maxsize=self.prefetch + 1)
         self.nonfinite: list[str] = []
@@ -154,8 +169,16 @@ class Executor:
                             if slot is None:
                                 return
                             buf = self.pool.buffers[slot]
+                            t0 = time.perf_counter()
                             chunks = _read_band(reader, t, r0, r1, buf)
-                            self._put(self.bands, Band(ti, passes, r0, r1, chunks, slot, _band_bytes(t, r1 - r0)))
+                            self.stats[t.shard].read_s += time.perf_counter() - t0
+                            band = Band(ti, passes, r0, r1, chunks, slot, _band_bytes(t, r1 - r0))
+                            if self.stage is not None:
+                                band.dev_slot = self.stage.take_slot(self.stop)
+                                if band.dev_slot is None:
+                                    return
+                                band.chunks, band.ready = self.stage.upload(chunks, band.dev_slot, slot, t.shard)
+                            self._put(self.bands, band)
         except BaseException as e:  # surfaced by the main thread
             self.error = self.error or e
         finally:
@@ -163,6 +186,8 @@ class Executor:
 
     def _take_slot(self) -> int | None:
         while not self.stop.is_set():
+            if self.stage is not None:  # host slots come back once their uploads are done
+                self.stage.reclaim(self.pool.free, block=self.pool.free.empty())
             try:
                 return self.pool.free.get(timeout=0.1)
             except queue.Empty:
@@ -193,7 +218,10 @@ class Executor:
                 item = self.writes.get()
                 if item is _DONE:
                     break
-                shard, name, offset, data, out_slot = item
+                shard, name, offset, data, out_slot, fence = item
+                if fence is not None and not fence.wait() and name not in self.nonfinite:
+                    self.nonfinite.append(name)
+                t0 = time.perf_counter()
                 w = writers.get(shard)
                 if w is None:
                     sp = self.plan.shards[shard]
@@ -208,7 +236,10 @@ class Executor:
                     w.commit()
                     del writers[shard]
                     self.stats[shard].finished = time.perf_counter()
+                    self.stats[shard].write_s += self.stats[shard].finished - t0
                     self.on_shard_done(shard, self.stats[shard])
+                else:
+                    self.stats[shard].write_s += time.perf_counter() - t0
         except BaseException as e:
             self.error = self.error or e
             self.stop.set()
@@ -254,6 +285,8 @@ class Executor:
                 torch.set_num_threads(threads)
         if self.error is not None:
             raise self.error
+        if self.stage is not None:
+            self.stage.collect(self.stats, wait=True)
         return ExecResult(self.stats, self.nonfinite, str(self.device))
 
     def _compute_loop(self) -> None:
@@ -275,10 +308,20 @@ class Executor:
                     self.stats[t.shard].started = time.perf_counter()
             job, reduces = jobs[band.tensor]
             self.stats[t.shard].bytes_read += band.nbytes
-            try:
-                self._run_band(t, job, reduces, band, states, stats[band.tensor])
-            finally:
-                self.pool.free.put(band.slot)
+            if self.stage is None:
+                t0, waited = time.perf_counter(), self._write_wait
+                try:
+                    self._run_band(t, job, reduces, band, states, stats[band.tensor])
+                finally:
+                    self.pool.free.put(band.slot)
+                self.stats[t.shard].compute_s += time.perf_counter() - t0 - (self._write_wait - waited)
+            else:
+                start = self.stage.begin(band.ready)
+                try:
+                    self._run_band(t, job, reduces, band, states, stats[band.tensor])
+                finally:
+                    self.stage.end(band.dev_slot, t.shard, start)
+                self.stage.collect(self.stats)
             self.on_progress(band.nbytes)
             if band.r1 == t.rows and band.passes[-1] == t.passes - 1:
                 jobs.pop(band.tensor, None)
@@ -328,6 +371,7 @@ class Executor:
         cpu = self.device.type == "cpu"
         blocked = cpu and self.spec.row_local
         blocks = self._blocks(t, band) if blocked else [(0, band.r1 - band.r0)]
+        # on CUDA the chunks are on the device already (uploaded by the reader): this converts the dtype only
         whole = [c.to(self.device, job.compute_dtype) for c in band.chunks] if not blocked else None
 
         def chunks_of(a: int, b: int) -> list[torch.Tensor]:
@@ -364,15 +408,23 @@ class Executor:
         n = rows * t.row_elems if len(t.shape) >= 2 else t.row_elems
         out = self.out_pool.buffers[out_slot][: n * DTYPES[t.out_dtype][1]].view(dtype).reshape(shape)
 
-        def work(a: int, b: int) -> None:
+        def result(a: int, b: int) -> torch.Tensor:
             res = self.spec.map(job, chunks_of(a, b), stats, band.r0 + a)
             expect = (b - a, *t.shape[1:]) if len(t.shape) >= 2 else t.shape
             if tuple(res.shape) != tuple(expect):
                 raise StreammergeError(f"internal: method {self.spec.name!r} produced shape {tuple(res.shape)} for "
                                        f"rows {band.r0 + a}:{band.r0 + b} of {t.name!r}, expected {expect}")
-            (out[a:b] if len(t.shape) >= 2 else out).copy_(res)
+            return res
+
+        def work(a: int, b: int) -> None:
+            (out[a:b] if len(t.shape) >= 2 else out).copy_(result(a, b))
 
         try:
+            if self.stage is not None:  # one block: the whole band, copied back on the download stream
+                fence = self.stage.download(result(0, rows).to(dtype), out, t.shard, self.check_nonfinite)
+                offset = band.r0 * t.row_elems * DTYPES[t.out_dtype][1]
+                self._put(self.writes, (t.shard, t.name, offset, out, out_slot, fence))
+                return
             self._parallel(work, blocks)
         except BaseException:
             self.out_pool.free.put(out_slot)
@@ -387,4 +439,6 @@ class Executor:
         if out.device.type != "cpu":
             out = out.cpu()
         offset = band.r0 * t.row_elems * DTYPES[t.out_dtype][1]
-        self._put(self.writes, (t.shard, t.name, offset, out.contiguous(), out_slot))
+        t0 = time.perf_counter()
+        self._put(self.writes, (t.shard, t.name, offset, out.contiguous(), out_slot, None))
+        self._write_wait += time.perf_counter() - t0

@@ -8,6 +8,7 @@ partial folder for a finished model. A manifest in `OUT/.streammerge/` records f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from .config import MergeConfig, load_config
 from .errors import OutputError, ResumeError
 from .io import checkpoint
 from .io.writer import write_json_atomic
-from .options import RunOptions
+from .options import RunOptions, default_max_gpu_memory
 from .plan.build import build_plan
 from .plan.ir import Plan
 from .report import RunReport, ShardReport, peak_rss_bytes
@@ -60,6 +61,19 @@ def _resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise OutputError(f"--device {name!r}: use cpu, cuda or auto")
     return torch.device(name)
+
+
+def _with_gpu_budget(options: RunOptions) -> RunOptions:
+    """A cuda/auto run without --max-gpu-memory plans under 80% of the device's memory: read here, at run
+    time, so that planning (and `check`) never needs torch."""
+    if options.max_gpu_memory or options.device not in ("cuda", "auto"):
+        return options
+    import torch
+
+    if not torch.cuda.is_available():
+        return options  # auto runs on the CPU; cuda is refused by _resolve_device
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return dataclasses.replace(options, max_gpu_memory=default_max_gpu_memory(total))
 
 
 def prepare_out_dir(out: Path, plan: Plan, options: RunOptions) -> None:
@@ -121,7 +135,7 @@ def run(config_path: str | os.PathLike, out: str | os.PathLike, options: RunOpti
     """Merge as the config says into `out`; returns the run report."""
     from .execute import Executor  # before planning: torch is part of the memory baseline the plan measures
 
-    options = options or RunOptions()
+    options = _with_gpu_budget(options or RunOptions())
     t0 = time.perf_counter()
     config = load_config(config_path)
     plan = build_plan(config, config_path, options)
@@ -152,7 +166,8 @@ def run(config_path: str | os.PathLike, out: str | os.PathLike, options: RunOpti
     dispatch.reset()
     result = executor.run()
     _finish_folder(out, plan, config, config_path, options)
-    shards = [ShardReport(s.filename, s.bytes_read, s.bytes_written, s.seconds, skipped=i in skip)
+    shards = [ShardReport(s.filename, s.bytes_read, s.bytes_written, s.seconds, skipped=i in skip, read_s=s.read_s,
+                          h2d_s=s.h2d_s, compute_s=s.compute_s, d2h_s=s.d2h_s, write_s=s.write_s)
               for i, s in enumerate(result.shards)]
     return RunReport(method=plan.method, out_dir=str(out), seconds=time.perf_counter() - t0, peak_rss=peak_rss_bytes(),
                      budget=plan.budget, device=result.device, shards=shards, nonfinite_tensors=result.nonfinite,

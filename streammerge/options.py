@@ -30,6 +30,15 @@ def parse_size(text: str | int, what: str = "size") -> int:
     return int(num * _UNITS[unit])
 
 
+GPU_DEFAULT_FRACTION = 0.8  # --max-gpu-memory default: this share of the device's total memory
+
+
+def default_max_gpu_memory(total: int) -> int:
+    """The device budget of a CUDA run without --max-gpu-memory: 80% of the device's total memory (the
+    rest is left to the CUDA context, the kernels' own buffers and whatever else runs there)."""
+    return int(total * GPU_DEFAULT_FRACTION)
+
+
 def default_max_memory() -> int:
     """Half of the memory available now, at least 1 GiB and at most 16 GiB: safe beside other work."""
     avail = psutil.virtual_memory().available
@@ -52,6 +61,7 @@ class RunOptions:
     progress: bool = True
     check_nonfinite: bool = True
     fsync: bool = True                 # durable shards (power-loss safe); atomic renames need no fsync
+    max_gpu_memory: int = 0            # bytes of device buffers (cuda/auto); 0 -> 80% of the device, read at run time
 
     def budget(self) -> int:
         return self.max_memory or default_max_memory()

@@ -32,6 +32,14 @@ class ShardReport:
     bytes_written: int
     seconds: float
     skipped: bool = False
+    # seconds spent per stage (they overlap: the stages run concurrently). read and write: wall time of
+    # the reader and writer threads; compute: wall time on CPU, the compute stream's time on CUDA;
+    # h2d and d2h (CUDA only): the copy streams' time, measured with CUDA events
+    read_s: float = 0.0
+    h2d_s: float = 0.0
+    compute_s: float = 0.0
+    d2h_s: float = 0.0
+    write_s: float = 0.0
 
     @property
     def gbps(self) -> float:

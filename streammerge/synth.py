@@ -98,6 +98,8 @@ PRESETS: dict[str, SynthSpec] = {
     "small": SynthSpec(hidden=512, intermediate=1408, layers=6, vocab=8192, heads=8, kv_heads=4),
     # TinyLlama-1.1B's shape.
     "1b": SynthSpec(hidden=2048, intermediate=5632, layers=22, vocab=32000, heads=32, kv_heads=4),
+    # OpenLLaMA-3B's shape: 3.43B parameters, 6.85 GB in bf16 (the GPU benchmark's default).
+    "3b": SynthSpec(hidden=3200, intermediate=8640, layers=26, vocab=32000, heads=32, kv_heads=32),
 }
 
 

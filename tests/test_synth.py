@@ -40,6 +40,8 @@ def _weight_bytes(path: Path) -> dict[str, bytes]:
 def test_presets_have_the_advertised_sizes() -> None:
     assert PRESETS["1b"].n_params == 1_100_048_384  # TinyLlama-1.1B's count
     assert 20e6 < PRESETS["small"].n_params < 30e6
+    assert PRESETS["3b"].n_params == 3_426_473_600  # OpenLLaMA-3B's count
+    assert 6.8e9 < PRESETS["3b"].n_bytes < 6.9e9
     assert TINY == SynthSpec(hidden=64, intermediate=176, layers=4, vocab=256, heads=4, kv_heads=2)
 
 

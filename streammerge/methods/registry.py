@@ -70,14 +70,12 @@ class TensorJob:
     seed: int
     kind: str = "other"                   # "embedding", "lm_head", "layer", "other"
     row_elems: int = 1
-    single_band: bool = False             # every pass runs on one in-memory band (no re-read)
 
     @classmethod
     def from_plan(cls, t: "TensorPlan", seed: int) -> "TensorJob":
         return cls(name=t.name, shape=t.shape, rows=t.rows, compute_dtype=t.compute_dtype, base=t.base,
                    params=dict(t.params), model_params=tuple(dict(m) for m in t.model_params),
-                   model_ids=tuple(s.model for s in t.inputs), seed=seed, kind=t.kind, row_elems=t.row_elems,
-                   single_band=t.rows_per_chunk >= t.rows)
+                   model_ids=tuple(s.model for s in t.inputs), seed=seed, kind=t.kind, row_elems=t.row_elems)
 
     @property
     def compute_code(self) -> str:
@@ -143,6 +141,9 @@ class MethodSpec:
     validate: Callable[[TensorJob], str | None] | None = None
     reduce_plan: Callable[[TensorJob], tuple[Reduce, ...]] | None = None  # reduces that depend on the tensor
     row_local: bool = True                # output rows depend only on the same input rows (+ stats)
+    # CPU block size it runs best at: small where torch temporaries dominate (they stay in cache and
+    # under glibc's mmap threshold), large where fused kernels and reused buffers do the work.
+    block_elems: int = 1 << 17
     model_pass: ModelPass | None = None
     # The dtype `map` returns for a loaded dtype when it is not that dtype (mergekit's ramplus_tl and
     # arcee_fusion promote to fp32 and write that when `out_dtype` is unset); None: the loaded dtype.

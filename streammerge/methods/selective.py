@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..kernels.philox import philox_words, stream_id
 from ..kernels.threshold import KthMagnitude, Threshold, topk_mask
+from ..kernels.variance import model_variance
 from ._stats import ExactSum, as_rows, chained, model_sum, nonbase, promote_fp32, rowwise, scalar, segment_sums
 from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
 
@@ -42,7 +43,7 @@ def _task_vectors(job: TensorJob, chunks: Sequence[torch.Tensor]) -> tuple[torch
 
 
 def _variance(tv: torch.Tensor) -> torch.Tensor:
-    return torch.var(tv, dim=0, unbiased=False)
+    return model_variance(tv)
 
 
 def _topk(job: TensorJob) -> float:

@@ -455,7 +455,7 @@ def _make(name: str, sparsify: str | None, consensus: bool, normalize: bool, res
                             f"epsilon {eps} for input {i}: lower epsilon below {min(dd, 1 - dd):g}")
         return None
 
-    return MethodSpec(name=name, map=map_fn, params=tuple(params), base="required", min_models=1,
+    return MethodSpec(name=name, map=map_fn, params=tuple(params), base="required", min_models=1, block_elems=1 << 19,
                       reduce_plan=reduce_plan, description=description, paper=paper, validate=validate,
                       model_pass=_model_pass(sparsify) if magnitude else None)
 

@@ -247,9 +247,9 @@ class Planner:
                               f"({baseline / 2**30:.2f} GiB for Python and torch); raise it to at least "
                               f"{(baseline + budget_mod.ALLOCATOR_SLACK) / 2**30 + 0.25:.2f} GiB")
         widest_k = max((len(e[2]) for e in entries), default=1)
-        self._block_elems = budget_mod.block_elems(data_budget, widest_k, "F32", _threads())
+        self._block_elems = min(self.spec.block_elems, budget_mod.block_elems(data_budget, widest_k, "F32", _threads()))
         tensors: list[TensorPlan] = []
-        peak = 0
+        peak = gpu_peak = 0
         for out_name, kind, ins, sl, t in entries:
             try:
                 planned = self._plan_tensor(out_name, kind, ins, sl, t, model_index, data_budget, budget)
@@ -258,17 +258,26 @@ class Planner:
                 continue
             tensors.append(planned[0])
             peak = max(peak, planned[1])
+            gpu_peak = max(gpu_peak, planned[2])
         tokenizer_model = None
         try:
             tokenizer_model = self._tokenizer_model(model_index, ref_name)
         except StreammergeError as e:
             self.problem(e)
         self.raise_problems()
-        return self._finish(tensors, peak, budget, baseline, out_layer, ref_name, ref_arch, model_index, tokenizer_model)
+        plan = self._finish(tensors, peak, budget, baseline, out_layer, ref_name, ref_arch, model_index, tokenizer_model)
+        gpu_budget = self._gpu_budget()
+        return replace(plan, device=self.options.device, gpu_budget=gpu_budget,
+                       gpu_peak_estimate=budget_mod.GPU_ALLOCATOR_SLACK + gpu_peak if gpu_budget else 0)
+
+    def _gpu_budget(self) -> int:
+        """The device budget bands are planned under: --max-gpu-memory on a cuda/auto run; 0 (unchecked)
+        on CPU or when not given (`merge.run` fills in 80% of the device before it plans)."""
+        return self.options.max_gpu_memory if self.options.device in ("cuda", "auto") else 0
 
     def _plan_tensor(self, out_name: str, kind: str, ins: list[tuple[str, str]], sl: _Slice, t: float,
-                     model_index: dict[str, int], data_budget: int, budget: int) -> tuple[TensorPlan, int]:
-        """One output tensor's plan and the bytes it keeps in flight."""
+                     model_index: dict[str, int], data_budget: int, budget: int) -> tuple[TensorPlan, int, int]:
+        """One output tensor's plan, the bytes it keeps in flight in host memory and on the device."""
         infos = [self._input(ref, name, out_name) for ref, name in ins]
         crop = None
         if len({i.shape for i in infos}) > 1:
@@ -289,9 +298,11 @@ class Planner:
         blocked = self.spec.row_local and self.options.device == "cpu"
         block_work = budget_mod.block_work(len(infos), compute, _threads(), self._block_elems) if blocked else 0
         rpc = budget_mod.rows_per_chunk(out_name, rows, infos, row_elems, compute, out_dtype, self.options.prefetch,
-                                        data_budget - block_work, budget, self.options.chunk_rows, blocked)
+                                        data_budget - block_work, budget, self.options.chunk_rows, blocked,
+                                        self._gpu_budget())
         in_flight = block_work + budget_mod.in_flight(rpc, infos, row_elems, compute, out_dtype,
                                                       self.options.prefetch, blocked)
+        gpu_in_flight = budget_mod.gpu_in_flight(rpc, infos, row_elems, compute, out_dtype) if self._gpu_budget() else 0
         numel = 1
         for d in shape:
             numel *= d
@@ -308,7 +319,7 @@ class Planner:
             msg = self.spec.validate(job)
             if msg:
                 raise ConfigError(f"{out_name}: {msg}")
-        return plan, in_flight
+        return plan, in_flight, gpu_in_flight
 
     def _finish(self, tensors: list[TensorPlan], peak: int, budget: int, baseline: int, out_layer: int,
                 ref_name: str, ref_arch: Arch, model_index: dict[str, int], tokenizer_model: int | None) -> Plan:

@@ -38,6 +38,13 @@ def print_plan(plan: Plan, console) -> None:
     console.print(f"[bold]memory[/bold] budget {_fmt(plan.budget)}; estimated peak {_fmt(plan.peak_estimate)} "
                   f"(process baseline {_fmt(plan.baseline_rss)})"
                   + (f"; widest row {widest.name} ({widest.row_elems} elements)" if widest else ""))
+    if plan.device in ("cuda", "auto"):
+        if plan.gpu_budget:
+            console.print(f"[bold]device memory[/bold] budget {_fmt(plan.gpu_budget)} (--max-gpu-memory); "
+                          f"estimated peak of device buffers {_fmt(plan.gpu_peak_estimate)}")
+        else:
+            console.print("[bold]device memory[/bold] budget not checked here: a CUDA run takes 80% of the GPU's memory "
+                          "unless --max-gpu-memory is given")
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
     console.print("[green]ok[/green]: the config and the checkpoints' headers are consistent.")

@@ -62,6 +62,9 @@ class Plan:
     warnings: tuple[str, ...] = ()
     model_sweeps: int = 0               # whole-model passes before the per-tensor ones (TIES scope: model)
     block_elems: int = 1 << 17          # CPU compute block (elements), sized by the budget
+    device: str = "cpu"                 # as asked: cpu | cuda | auto
+    gpu_budget: int = 0                 # --max-gpu-memory (bytes) the bands were planned under; 0: unchecked
+    gpu_peak_estimate: int = 0          # device bytes in flight at most (with the allocator allowance)
 
     @property
     def bytes_in(self) -> int:

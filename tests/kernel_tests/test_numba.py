@@ -179,3 +179,17 @@ def test_threshold_loops_match_torch(monkeypatch, dtype):
         assert int(got_m.sum()) == th.k
     ref_eq, got_eq = both(monkeypatch, lambda: equal_per_row(x, [th.bits for th in got_th]))
     assert torch.equal(ref_eq, got_eq)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_model_variance_is_bit_identical_to_torch_var(monkeypatch, dtype, k):
+    from streammerge.kernels.variance import model_variance
+
+    g = torch.Generator().manual_seed(k)
+    x = (torch.randn(k, 257, 129, generator=g) * torch.logspace(-5, 3, 129)).to(dtype)
+    x[:, 0] = 0
+    x[:, 1] = x[0, 1].clone()  # identical models: variance exactly 0
+    ref, got = both(monkeypatch, lambda: model_variance(x))
+    assert ref.shape == got.shape == x.shape[1:]
+    assert torch.equal(bits(ref), bits(got))
