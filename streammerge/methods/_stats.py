@@ -25,6 +25,9 @@ from .registry import Reduce, TensorJob
 torch = lazy_module("torch")
 F = lazy_module("torch.nn.functional")
 
+# KthMagnitude(dtype).passes by dtype code: planning counts passes without importing torch.
+HISTOGRAM_PASSES = {"BF16": 1, "F16": 1, "F32": 2, "F64": 4}
+
 _SEG = 4096          # elements per segment sum: below torch's intra-op grain size
 _COL_BLOCK = 256     # rows per cumsum step of a column accumulator (bounds the fp64 temporary)
 

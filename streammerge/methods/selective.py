@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from ..kernels.philox import philox_words, stream_id
 from ..kernels.threshold import KthMagnitude, Threshold, topk_mask
 from ..kernels.variance import model_variance
-from ._stats import ExactSum, as_rows, chained, model_sum, nonbase, promote_fp32, rowwise, scalar, segment_sums
+from ._stats import HISTOGRAM_PASSES, ExactSum, as_rows, chained, model_sum, nonbase, promote_fp32, rowwise, scalar, segment_sums
 from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
 
-_THRESHOLD_PASSES = {torch.bfloat16: 1, torch.float16: 1, torch.float32: 2, torch.float64: 4}
 
 
 # -- sce --------------------------------------------------------------------------------------------
@@ -152,7 +151,7 @@ def _sce_reduces(job: TensorJob) -> tuple[Reduce, ...]:
         return ()
     if not _selecting(job):
         return chained(_weights_stage())
-    passes = _THRESHOLD_PASSES[job.compute_dtype]
+    passes = HISTOGRAM_PASSES[job.compute_code]
     stages = [] if passes == 1 else [_count_stage(job)]
     stages += [_histogram_stage(p, passes == 1) for p in range(passes)]
     return chained(*stages, _weights_stage())

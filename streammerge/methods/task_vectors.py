@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .._lazy import lazy_module, lazy_names
+from ._stats import HISTOGRAM_PASSES
 from .registry import MethodSpec, ModelPass, Param, Reduce, TensorJob, in_range
 
 if TYPE_CHECKING:
@@ -84,13 +85,10 @@ class _Thresholds:
     finders: list[KthMagnitude | None]
 
 
-_HIST_PASSES = {"BF16": 1, "F16": 1, "F32": 2, "F64": 4}  # KthMagnitude(dtype).passes, known without torch
-
-
 def _magnitude_reduces(job: TensorJob, kind: str, rescale: bool) -> tuple[Reduce, ...]:
     others = [i for i in range(len(job.model_params)) if i != job.base]
     masked = [_needs_mask(job, i) for i in others]
-    n_passes = _HIST_PASSES[job.compute_code] if any(masked) else 0
+    n_passes = HISTOGRAM_PASSES[job.compute_code] if any(masked) else 0
     made: list[KthMagnitude | None] = []
     lock = threading.Lock()
 
@@ -99,7 +97,7 @@ def _magnitude_reduces(job: TensorJob, kind: str, rescale: bool) -> tuple[Reduce
             if not made:
                 made.extend(KthMagnitude(job.compute_dtype, job.numel, _ranks(job, i, kind)) if m else None
                             for i, m in zip(others, masked))
-                assert all(f is None or f.passes == n_passes for f in made), "_HIST_PASSES is out of date"
+                assert all(f is None or f.passes == n_passes for f in made), "HISTOGRAM_PASSES is out of date"
         return made
 
     def hist_pass(p: int) -> Reduce:
