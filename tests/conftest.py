@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,12 @@ import yaml
 # top-level package (transformers probes for one named `kernels`); streammerge.kernels is the only name.
 _ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+
+# Without a GPU the Triton kernels are tested in Triton's interpreter. Triton decides at decoration
+# time, its own standard library (tl.sum, tl.max) included, so the variable must be set before
+# anything in the session imports triton (transformers and torch may, long before kernel_tests).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")
