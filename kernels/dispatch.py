@@ -18,7 +18,7 @@ import torch
 
 __all__ = ["choose", "ran", "reset", "used"]
 
-PRIMITIVES = ("philox", "taskvec", "row_l1", "della_keep", "histogram", "variance")
+PRIMITIVES = ("philox", "taskvec", "row_l1", "della_keep", "histogram", "variance", "dots", "blend")
 
 _lock = threading.Lock()
 _used: dict[str, set[str]] = {}

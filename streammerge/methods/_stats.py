@@ -19,16 +19,16 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable, Sequence
 
-from .._lazy import lazy_module
+from .._lazy import lazy_module, lazy_names
 from .registry import Reduce, TensorJob
 
 torch = lazy_module("torch")
-F = lazy_module("torch.nn.functional")
+_segment_sums, _segment_dots = lazy_names("streammerge.kernels.dots", "segment_sums", "segment_dots")
 
 # KthMagnitude(dtype).passes by dtype code: planning counts passes without importing torch.
 HISTOGRAM_PASSES = {"BF16": 1, "F16": 1, "F32": 2, "F64": 4}
 
-_SEG = 4096          # elements per segment sum: below torch's intra-op grain size
+_SEG = 4096          # = kernels.dots.SEGMENT (not imported: planning must not load torch)
 _COL_BLOCK = 256     # rows per cumsum step of a column accumulator (bounds the fp64 temporary)
 
 
@@ -77,13 +77,7 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 
 def segment_sums(x: torch.Tensor) -> torch.Tensor:
     """Sums of fixed row segments of a `[rows, m]` tensor, flattened (see the module docstring)."""
-    n, m = x.shape
-    if m > _SEG:
-        pad = (-m) % _SEG
-        if pad:
-            x = F.pad(x, (0, pad))
-        x = x.reshape(n, -1, _SEG)
-    return x.sum(dim=-1).reshape(-1)
+    return _segment_sums(x)
 
 
 def row_sums(x: torch.Tensor) -> torch.Tensor:
@@ -125,10 +119,8 @@ class Gram:
 
     def update(self, xs: Sequence[torch.Tensor]) -> None:
         rows = [as_rows(x) for x in xs]
-        wide = [r.double() for r in rows]
         for (i, j), acc in self.sums.items():
-            prod = (rows[i] * rows[j]).double() if (i, j) in self.rounded else wide[i] * wide[j]
-            acc.add(segment_sums(prod).tolist())
+            acc.add(_segment_dots(rows[i], rows[j], (i, j) in self.rounded).tolist())
 
     def merge(self, other: "Gram") -> None:
         for p, acc in self.sums.items():

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from .._lazy import lazy_module
+from .._lazy import lazy_module, lazy_names
 from ..errors import StreammergeError
 from ._stats import (
     ColumnSums, Gram, all_pairs, as_rows, chained, gram_reduce, model_sum, nonbase, nonbase_params, rounded, rowwise,
@@ -30,6 +30,7 @@ from ._stats import (
 from .registry import REQUIRED, MethodSpec, Param, Reduce, TensorJob, in_range
 
 torch = lazy_module("torch")
+_multislerp_fused, _slerp_fused = lazy_names("streammerge.kernels.blend", "multislerp_fused", "slerp_fused")
 
 _COLINEAR_EPS = 1e-8   # nuslerp: colinear when 1 - cos² <= eps²
 _UNIT_EPS = 1e-7       # nuslerp: norms are clamped to at least this
@@ -60,9 +61,22 @@ def _nuslerp_mode(job: TensorJob) -> str:
     return "column" if job.params["nuslerp_row_wise"] else "row"
 
 
+def _colinear(cos: torch.Tensor) -> torch.Tensor:
+    return (1 - cos.square()) <= _COLINEAR_EPS ** 2
+
+
 def _slerp_mix(t: float, v0: torch.Tensor, v1: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-    """mergekit's nuslerp from the cosine on, elementwise in the vectors' dtype."""
-    colinear = (1 - cos.square()) <= _COLINEAR_EPS ** 2
+    """mergekit's nuslerp from the cosine on, elementwise in the vectors' dtype.
+
+    With one cosine for the whole tensor only the branch it selects is computed: the same bits as
+    mergekit's `where` over both, at half the passes over the tensor.
+    """
+    colinear = _colinear(cos)
+    if cos.numel() == 1:
+        if bool(colinear):
+            return (1 - t) * v0 + t * v1
+        theta = torch.acos(cos)
+        return (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
     theta = torch.acos(torch.where(colinear, 0, cos))
     sin_theta = torch.sin(theta)
     out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
@@ -131,9 +145,16 @@ def _nuslerp_reduces(job: TensorJob) -> tuple[Reduce, ...]:
 
 
 def _nuslerp_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
-    base, (v0, v1) = _vectors(job, chunks)
     t = _nuslerp_t(job)
     mode = _nuslerp_mode(job)
+    if mode == "flat" and not bool(_colinear(stats[-1])):
+        theta = torch.acos(stats[-1])
+        base = chunks[job.base] if job.base is not None else None
+        fused = _slerp_fused(*nonbase(job, chunks), base, torch.sin((1 - t) * theta), torch.sin(t * theta),
+                             torch.sin(theta))
+        if fused is not None:
+            return fused
+    base, (v0, v1) = _vectors(job, chunks)
     if mode in ("whole", "row"):
         out = rowwise(lambda a, b: _slerp_mix(t, a, b, _cos_along_last(a, b)), v0, v1)
     else:
@@ -241,6 +262,10 @@ def _multislerp_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[
     xs = nonbase(job, chunks)
     if len(xs) == 1:
         return xs[0]
+    if len(job.shape) >= 2 and stats[-1] is not None:
+        fused = _multislerp_fused(xs, chunks[job.base] if job.base is not None else None, stats[-1])
+        if fused is not None:
+            return fused
     base, xs = _vectors(job, chunks)
     w = _multislerp_weights(job).to(xs[0].device)
     eps = float(job.params["eps"])

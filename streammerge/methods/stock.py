@@ -14,11 +14,12 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from .._lazy import lazy_module
+from .._lazy import lazy_module, lazy_names
 from ._stats import Gram, as_rows, gram_reduce, model_mean, model_sum, nonbase, promote_fp32, rowwise, scalar
 from .registry import REQUIRED, MethodSpec, Param, Reduce, TensorJob, in_range
 
 torch = lazy_module("torch")
+_stock_mix, _nearswap_mix = lazy_names("streammerge.kernels.blend", "stock_mix", "nearswap_mix")
 
 
 # -- model_stock ------------------------------------------------------------------------------------
@@ -90,8 +91,7 @@ def _stock_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any],
             t = _stock_rows_t(w0, ws, whole=True)
         else:
             t = rowwise(lambda *xs: _stock_rows_t(xs[0], list(xs[1:]), whole=False), w0, *ws)
-    average = sum(ws) / len(ws)
-    return (t * average + (1 - t) * w0).reshape(shape)
+    return _stock_mix(w0, ws, t).reshape(shape)
 
 
 MODEL_STOCK = MethodSpec(
@@ -112,8 +112,7 @@ MODEL_STOCK = MethodSpec(
 def _nearswap_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
     a = chunks[job.base]
     (b,) = nonbase(job, chunks)
-    weight = (float(job.params["t"]) / (a - b).abs().clamp(min=1e-6)).clamp(min=0, max=1)
-    return weight * b + (1 - weight) * a
+    return _nearswap_mix(a, b, float(job.params["t"]))
 
 
 NEARSWAP = MethodSpec(

@@ -16,7 +16,9 @@ pytest.importorskip("numba")
 
 from conftest import merge, shard_bytes  # noqa: E402
 from streammerge.kernels import dispatch  # noqa: E402
+from streammerge.kernels.blend import nearswap_mix, stock_mix  # noqa: E402
 from streammerge.kernels.della import della_keep  # noqa: E402
+from streammerge.kernels.dots import SEGMENT, segment_dots  # noqa: E402
 from streammerge.kernels.norms import row_l1  # noqa: E402
 from streammerge.kernels.philox import bernoulli_keep, philox_uniform, philox_words  # noqa: E402
 from streammerge.kernels.vote import merge_deltas  # noqa: E402
@@ -111,6 +113,82 @@ def test_row_l1_matches_torch_to_float64_rounding(monkeypatch):
         ref, got = both(monkeypatch, lambda: row_l1(d, m))
         for a, b in zip(ref, got):
             torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,m", [(5, 33), (3, SEGMENT), (4, 2 * SEGMENT + 7), (1, 1)])
+def test_segment_dots_match_torch_and_ignore_banding(monkeypatch, dtype, rows, m):
+    g = torch.Generator().manual_seed(rows * m)
+    a = (torch.randn(rows, m, generator=g) * torch.logspace(-4, 3, m)).to(dtype)
+    b = torch.randn(rows, m, generator=g).to(dtype)
+    for rounded in (False, True):
+        ref, got = both(monkeypatch, lambda: segment_dots(a, b, rounded))
+        assert got.shape == (rows * -(-m // SEGMENT),)
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
+        banded = torch.cat([segment_dots(a[r : r + 1], b[r : r + 1], rounded) for r in range(rows)])
+        assert torch.equal(banded, got)
+    want = sum((a[0, c].double() * b[0, c].double()).item() for c in range(min(m, SEGMENT)))
+    assert segment_dots(a, b)[0].item() == pytest.approx(want, rel=1e-12, abs=1e-300)
+    rounded_first = (a[0, : min(m, SEGMENT)] * b[0, : min(m, SEGMENT)]).double()
+    assert segment_dots(a, b, True)[0].item() == pytest.approx(rounded_first.sum().item(), rel=1e-12, abs=1e-300)
+
+
+def _close_pairs(n: int, seed: int, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 pairs over many magnitudes, some equal, some signed zeros."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, generator=g) * torch.logspace(lo, hi, n)
+    b = a + torch.randn(n, generator=g) * torch.logspace(lo, hi, n)[torch.randperm(n, generator=g)]
+    a, b = a.bfloat16(), b.bfloat16()
+    b[: n // 50] = a[: n // 50]
+    a[n // 50 : n // 25] = -0.0
+    return a, b
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.7314, 1.0, 1.3, -0.2])
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_stock_blend_is_bit_identical_to_the_eager_chain(monkeypatch, t, k):
+    w0, _ = _close_pairs(20011, k, -8, 2)
+    ws = [_close_pairs(20011, k * 10 + i, -8, 2)[1] for i in range(k)]
+    for w in ws:
+        w[:300] = -0.0
+    tt = torch.tensor([t], dtype=torch.bfloat16)
+    ref, got = both(monkeypatch, lambda: stock_mix(w0, ws, tt))
+    assert torch.equal(bits(got), bits(ref))
+    assert dispatch.used()["blend"] == ["numba-cpu", "torch-cpu"]
+
+
+@pytest.mark.parametrize("t", [5e-8, 1e-7, 3e-7, 1e-3, 0.5, 3.0, 0.0])
+def test_nearswap_blend_is_bit_identical_to_the_eager_chain(monkeypatch, t):
+    a, b = _close_pairs(30011, 7, -9, 1)
+    ref, got = both(monkeypatch, lambda: nearswap_mix(a, b, t))
+    assert torch.equal(bits(got), bits(ref))
+
+
+FUSED_MAPS = {
+    "nuslerp": ({"weight": 0.3}, {"weight": 0.7}),
+    "multislerp": ({"weight": 0.2}, {"weight": 0.5}, {"weight": 0.3}),
+    "model_stock": ({}, {}, {}),
+    "nearswap": ({},),
+}
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("method", sorted(FUSED_MAPS))
+def test_fused_spherical_and_stock_maps_write_the_torch_bytes(tiny_family, tmp_path, monkeypatch, method, with_base):
+    base, experts = tiny_family
+    if method in ("model_stock", "nearswap") and not with_base:
+        pytest.skip(f"{method} needs a base")
+    models = [{"model": str(e), "parameters": p} for e, p in zip(experts, FUSED_MAPS[method])]
+    cfg = {"merge_method": method, "dtype": "bfloat16", "models": models,
+           **({"base_model": str(base)} if with_base else {}),
+           **({"parameters": {"t": 0.002}} if method == "nearswap" else {})}
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("STREAMMERGE_NO_NUMBA", flag)
+        dispatch.reset()
+        out[flag] = shard_bytes(merge(cfg, tmp_path, f"{method}-{flag}"))
+        assert ("numba-cpu" in dispatch.used().get("blend", [])) == (flag == "0")
+    assert out["0"] == out["1"]
 
 
 def test_dispatch_falls_back_to_torch(monkeypatch):

@@ -1,0 +1,99 @@
+"""Elementwise blends of model_stock and nearswap: the eager torch expressions (mergekit 0.1.5's order
+of operations, the reference) and, for bf16 on CPU, fused loops with the same bits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import dispatch
+
+__all__ = ["NEARSWAP_FLOOR", "multislerp_fused", "nearswap_mix", "slerp_fused", "stock_mix"]
+
+NEARSWAP_FLOOR = 1e-6
+
+
+def _bits(t: torch.Tensor):
+    import numpy as np
+
+    return t.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1)
+
+
+def _fused(*xs: torch.Tensor) -> bool:
+    return (all(x.dtype == torch.bfloat16 and x.device.type == "cpu" for x in xs)
+            and dispatch.choose("blend", "cpu") == "numba")
+
+
+def stock_mix(w0: torch.Tensor, ws: Sequence[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+    """``t * (sum(ws) / len(ws)) + (1 - t) * w0``; ``t`` a one-element tensor or per-row ``[rows, 1]``."""
+    if t.numel() == 1 and _fused(w0, *ws, t) and all(w.shape == w0.shape for w in ws):
+        import numpy as np
+
+        from ._numba import blend as kernel
+
+        out = torch.empty(w0.shape, dtype=w0.dtype)
+        kernel.stock_bf16(_bits(out), _bits(w0), tuple(_bits(w) for w in ws), np.float32(t.float().item()),
+                          np.float32((1 - t).float().item()), np.float32(len(ws)))
+        dispatch.ran("blend", "numba", w0.device)
+        return out
+    dispatch.ran("blend", "torch", w0.device)
+    return t * (sum(ws) / len(ws)) + (1 - t) * w0
+
+
+def nearswap_mix(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """``w = clamp(t / max(|a - b|, 1e-6), 0, 1)``; ``w * b + (1 - w) * a``."""
+    if _fused(a, b) and a.shape == b.shape:
+        import numpy as np
+
+        from ._numba import blend as kernel
+
+        out = torch.empty(a.shape, dtype=a.dtype)
+        floor = np.float32(torch.tensor(NEARSWAP_FLOOR, dtype=a.dtype).float().item())   # clamp rounds its bound
+        kernel.nearswap_bf16(_bits(out), _bits(a), _bits(b), np.float32(t), floor)
+        dispatch.ran("blend", "numba", a.device)
+        return out
+    dispatch.ran("blend", "torch", a.device)
+    weight = (t / (a - b).abs().clamp(min=NEARSWAP_FLOOR)).clamp(min=0, max=1)
+    return weight * b + (1 - weight) * a
+
+
+
+def multislerp_fused(xs: Sequence[torch.Tensor], base: torch.Tensor | None,
+                     sc: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """multislerp's map from its per-tensor scalars ``sc`` in one loop, or None where there is no fused
+    path (the eager reference is ``methods.spherical._multislerp_map``, bit for bit the same)."""
+    inputs = [*xs] if base is None else [*xs, base]
+    if not (_fused(*inputs) and all(x.shape == xs[0].shape for x in inputs)
+            and all(v.dtype == torch.bfloat16 for v in sc.values())):
+        return None
+    import numpy as np
+
+    from ._numba import blend as kernel
+
+    f32 = {k: v.float().reshape(-1).numpy() for k, v in sc.items()}
+    out = torch.empty(xs[0].shape, dtype=torch.bfloat16)
+    kernel.multislerp_bf16(_bits(out), tuple(_bits(x) for x in xs),
+                           np.empty(0, np.uint16) if base is None else _bits(base), base is not None,
+                           f32["denom"], f32["w"], f32["dots"], f32["mean_norm"][0], f32["cos_s"][0],
+                           f32["sinc_s"][0], f32["avg_norm"][0])
+    dispatch.ran("blend", "numba", xs[0].device)
+    return out
+
+
+def slerp_fused(x0: torch.Tensor, x1: torch.Tensor, base: torch.Tensor | None, s0: torch.Tensor, s1: torch.Tensor,
+                sin_theta: torch.Tensor) -> torch.Tensor | None:
+    """nuslerp's map for one angle per tensor, or None where there is no fused path (the eager reference
+    is ``methods.spherical._slerp_mix``)."""
+    inputs = [x0, x1] if base is None else [x0, x1, base]
+    if not (_fused(*inputs, s0, s1, sin_theta) and all(x.shape == x0.shape for x in inputs)):
+        return None
+    import numpy as np
+
+    from ._numba import blend as kernel
+
+    out = torch.empty(x0.shape, dtype=torch.bfloat16)
+    kernel.slerp_bf16(_bits(out), _bits(x0), _bits(x1), np.empty(0, np.uint16) if base is None else _bits(base),
+                      base is not None, *(np.float32(v.float().item()) for v in (s0, s1, sin_theta)))
+    dispatch.ran("blend", "numba", x0.device)
+    return out
