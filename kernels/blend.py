@@ -9,7 +9,7 @@ import torch
 
 from . import dispatch
 
-__all__ = ["NEARSWAP_FLOOR", "multislerp_fused", "nearswap_mix", "slerp_fused", "stock_mix"]
+__all__ = ["NEARSWAP_FLOOR", "multislerp_fused", "nearswap_mix", "ram_counts_fused", "ram_fused", "slerp_fused", "stock_mix"]
 
 NEARSWAP_FLOOR = 1e-6
 
@@ -97,3 +97,48 @@ def slerp_fused(x0: torch.Tensor, x1: torch.Tensor, base: torch.Tensor | None, s
                       base is not None, *(np.float32(v.float().item()) for v in (s0, s1, sin_theta)))
     dispatch.ran("blend", "numba", x0.device)
     return out
+
+
+def _ram_inputs(base: torch.Tensor, xs: Sequence[torch.Tensor]) -> bool:
+    return _fused(base, *xs) and all(x.shape == base.shape for x in xs)
+
+
+def ram_fused(base: torch.Tensor, xs: Sequence[torch.Tensor], eps: float,
+              lam: torch.Tensor | None = None) -> torch.Tensor | None:
+    """RAM's map (RAM+ with the fp32 factors ``lam``) in one loop, or None where there is no fused path
+    (the eager reference is ``methods.stock._ram_map`` / ``_ramplus_map``, bit for bit the same)."""
+    if not _ram_inputs(base, xs) or (lam is not None and lam.dtype != torch.float32):
+        return None
+    import numpy as np
+
+    from ._numba import blend as kernel
+
+    plus = lam is not None
+    out = torch.empty(base.shape, dtype=torch.float32 if plus else torch.bfloat16)
+    empty16, empty32 = np.empty(0, np.uint16), np.empty(0, np.float32)
+    kernel.ram_bf16(empty16 if plus else _bits(out), out.reshape(-1).numpy() if plus else empty32, _bits(base),
+                    tuple(_bits(x) for x in xs), _ram_eps(eps), lam.reshape(-1).numpy() if plus else empty32, plus)
+    dispatch.ran("blend", "numba", base.device)
+    return out
+
+
+def ram_counts_fused(base: torch.Tensor, xs: Sequence[torch.Tensor], eps: float) -> tuple[list[int], list[int]] | None:
+    """Per model, (shared, unique) counts of task-vector entries above ``eps`` (RAM+'s reduce), or None."""
+    if not _ram_inputs(base, xs):
+        return None
+    import numpy as np
+
+    from ._numba import blend as kernel
+
+    shared, unique = np.zeros(len(xs), np.int64), np.zeros(len(xs), np.int64)
+    kernel.ram_counts_bf16(_bits(base), tuple(_bits(x) for x in xs), _ram_eps(eps), shared, unique)
+    dispatch.ran("blend", "numba", base.device)
+    return shared.tolist(), unique.tolist()
+
+
+def _ram_eps(eps: float):
+    """The bound ``|δ| > eps`` compares against: the eager comparison of a bf16 tensor with a Python float
+    rounds the float to bf16 first (measured: comparing with the float32 value differs)."""
+    import numpy as np
+
+    return np.float32(torch.tensor(eps, dtype=torch.bfloat16).float().item())

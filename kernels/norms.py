@@ -12,7 +12,7 @@ import torch
 
 from . import dispatch
 
-__all__ = ["row_l1"]
+__all__ = ["dare_row_l1", "row_l1"]
 
 
 def row_l1(d: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,3 +39,31 @@ def row_l1(d: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, to
     l1 = mag.sum(dim=2, dtype=torch.float64)
     kept = l1 if mask is None else torch.where(mask, mag, 0).sum(dim=2, dtype=torch.float64)
     return l1, kept
+
+
+def dare_row_l1(expert: torch.Tensor, base: torch.Tensor, seed: int, stream: int, start: int,
+                p: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``row_l1`` of ``δ = expert - base`` (``[rows, n]``) and of δ under DARE's keep mask with probability
+    ``p`` (None: no mask), element ``start + r * n + c`` drawn from ``stream``: what the DARE rescale pass
+    needs from one expert, without a δ or mask tensor on the compiled path."""
+    from .philox import bernoulli_keep, keep_limit
+
+    rows, n = base.shape
+    if (dispatch.choose("row_l1", base.device) == "numba" and base.dtype == expert.dtype == torch.bfloat16
+            and expert.shape == base.shape):
+        import numpy as np
+
+        from ._numba import norms as kernel
+
+        l1 = torch.empty(rows, dtype=torch.float64)
+        kept = torch.empty(rows, dtype=torch.float64)
+        bits = [t.contiguous().view(torch.int16).numpy().view(np.uint16) for t in (expert, base)]
+        kernel.dare_row_l1_bf16(*bits, np.uint64(seed), np.uint64(stream), np.uint64(start),
+                                np.uint64(0 if p is None else keep_limit(p)), p is not None, l1.numpy(), kept.numpy())
+        dispatch.ran("row_l1", "numba", base.device)
+        dispatch.ran("philox", "numba", base.device)
+        return l1, kept
+    d = (expert - base).unsqueeze(0)
+    mask = None if p is None else bernoulli_keep(seed, stream, start, rows * n, p, device=base.device).reshape(d.shape)
+    l1, kept = row_l1(d, mask)
+    return l1[0], kept[0]

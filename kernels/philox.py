@@ -163,8 +163,7 @@ def bernoulli_keep(
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"keep probability p must be in [0, 1], got {p}")
     _check_args(seed, stream, start, count)
-    # (word >> 8) < t  <=>  word < t * 256 for integers; t * 256 <= 2**32 fits int64.
-    limit = _ceil_scaled(p) << 8
+    limit = keep_limit(p)
     fast = _fast(seed, stream, start, count, device, "keep", torch.bool, limit)
     if fast is not None:
         return fast
@@ -266,6 +265,14 @@ def _words_py(seed: int, stream: int, start: int, count: int) -> list[int]:
         words += (c0, c1, c2, c3)
     skip = start & 3
     return words[skip : skip + count]
+
+
+def keep_limit(p: float) -> int:
+    """The word bound of a keep with probability ``p``: ``u < p`` exactly when ``word < keep_limit(p)``.
+
+    (word >> 8) < t  <=>  word < t * 256 for integers; t * 256 <= 2**32 fits int64.
+    """
+    return _ceil_scaled(p) << 8
 
 
 def _ceil_scaled(p: float) -> int:

@@ -145,22 +145,63 @@ def merge_deltas(
     from ._numba import taskvec as kernel
 
     k = deltas.shape[0]
-    w = _per_model(weights, deltas[:, :1], deltas.dtype).reshape(k)
-    s = None if scale is None else _per_model(scale, deltas[:, :1], deltas.dtype).reshape(k)
+    out = torch.empty(base.shape, dtype=base.dtype)
+    keep = torch.empty((0, 0), dtype=torch.bool) if mask is None else mask.contiguous().reshape(k, -1)
+    kernel.mix_bf16(_bits(out), _bits(base), _bits(deltas).reshape(k, -1), keep.numpy(),
+                    *_fused_scalars(weights, scale, k, consensus, normalize, lam))
+    dispatch.ran("taskvec", impl, base.device)
+    return out
+
+
+def merge_dare(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    seed: int,
+    streams: Sequence[int],
+    start: int,
+    keep_p: Sequence[float | None],
+    *,
+    scale: Sequence[float] | torch.Tensor | None = None,
+    consensus: Consensus | None = None,
+    normalize: bool = False,
+    lam: float = 1.0,
+) -> torch.Tensor | None:
+    """``merge_deltas`` for DARE with δ and the Philox keep masks (``bernoulli_keep`` of ``keep_p[k]``,
+    None: no mask; elements from flat index ``start``) formed inside the fused CPU loop, or None where
+    there is no such path (the caller then draws the masks and calls ``merge_deltas``). Same bits."""
+    if not (dispatch.choose("taskvec", base.device) == "numba" and base.dtype == torch.bfloat16
+            and all(e.dtype == torch.bfloat16 and e.shape == base.shape for e in experts)
+            and all(p is None or 0 < p <= 1 for p in keep_p)):
+        return None
+    from ._numba import taskvec as kernel
+    from .philox import keep_limit
+
+    out = torch.empty(base.shape, dtype=base.dtype)
+    limits = np.array([0 if p is None else keep_limit(p) for p in keep_p], dtype=np.uint64)
+    kernel.mix_dare_bf16(_bits(out), _bits(base), tuple(_bits(e) for e in experts), np.uint64(seed),
+                         np.array(streams, dtype=np.uint64), np.uint64(start), limits,
+                         *_fused_scalars(weights, scale, len(experts), consensus, normalize, lam))
+    dispatch.ran("taskvec", "numba", base.device)
+    if any(p is not None for p in keep_p):
+        dispatch.ran("philox", "numba", base.device)
+    return out
+
+
+def _fused_scalars(weights, scale, k: int, consensus: Consensus | None, normalize: bool, lam: float) -> tuple:
+    """The fused kernels' per-model and scalar arguments, rounded as the eager chain rounds them."""
+    from ._numba import taskvec as kernel
+
+    like = torch.empty(k, 1, dtype=torch.bfloat16)
+    w = _per_model(weights, like, like.dtype).reshape(k)
+    s = None if scale is None else _per_model(scale, like, like.dtype).reshape(k)
     divisor = sum_models(w.unsqueeze(1))
     divisor = torch.where(divisor.abs() < _NO_CONSENSUS_EPS, torch.ones((), dtype=w.dtype), divisor)
     codes = {None: kernel.NO_CONSENSUS, "sum": kernel.SUM, "count": kernel.COUNT}
     if consensus not in codes:
         raise ValueError(f"consensus must be None, 'sum' or 'count', got {consensus!r}")
-    out = torch.empty(base.shape, dtype=base.dtype)
-    keep = torch.empty((0, 0), dtype=torch.bool) if mask is None else mask.contiguous().reshape(k, -1)
-    kernel.mix_bf16(
-        _bits(out), _bits(base), _bits(deltas).reshape(k, -1), keep.numpy(),
-        (torch.empty(0) if s is None else s.float()).numpy(), w.float().numpy(),
-        codes[consensus], bool(normalize), np.float32(lam), np.float32(divisor.float().item()),
-    )
-    dispatch.ran("taskvec", impl, base.device)
-    return out
+    return ((torch.empty(0) if s is None else s.float()).numpy(), w.float().numpy(), codes[consensus],
+            bool(normalize), np.float32(lam), np.float32(divisor.float().item()))
 
 
 def _bits(t: torch.Tensor):

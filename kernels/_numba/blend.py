@@ -72,3 +72,50 @@ def slerp_bf16(out, x0, x1, base, has_base, s0, s1, sin_theta):
         v1 = rnd(bf2f(x1[i]) - b) if has_base else bf2f(x1[i])
         r = rnd(rnd(rnd(s0 * v0) + rnd(s1 * v1)) / sin_theta)
         out[i] = f2bf(r + b) if has_base else f2bf(r)
+
+
+@nb.njit(inline="always", nogil=True, cache=True)
+def _ram_count(xs, b, i, eps):
+    count = 0
+    for k in range(len(xs)):
+        count += abs(rnd(bf2f(xs[k][i]) - b)) > eps
+    return count
+
+
+@nb.njit(nogil=True, cache=True, error_model="numpy")
+def ram_bf16(out16, out32, base, xs, eps, lam, plus):
+    """RAM: each model's task-vector entry above ``eps`` is kept where it is the only one and averaged
+    where several are; RAM+ (``plus``) multiplies the unique entries by ``lam[k]`` in fp32 and writes fp32."""
+    zero = np.float32(0.0)
+    for i in range(base.size):
+        b = bf2f(base[i])
+        count = _ram_count(xs, b, i, eps)
+        div = np.float32(max(count, 1))
+        acc = zero
+        for k in range(len(xs)):
+            t = rnd(bf2f(xs[k][i]) - b)
+            tz = t * np.float32(abs(t) > eps)
+            alone = tz * np.float32(count == 1)
+            shared = rnd(tz * np.float32(count > 1) / div)
+            if plus:
+                acc += alone * lam[k] + shared
+            else:
+                acc += rnd(alone + shared)
+        if plus:
+            out32[i] = b + acc
+        else:
+            out16[i] = f2bf(b + rnd(acc))
+
+
+@nb.njit(nogil=True, cache=True, error_model="numpy")
+def ram_counts_bf16(base, xs, eps, shared, unique):
+    """Per model, how many of its entries above ``eps`` other models share, and how many only it has."""
+    for i in range(base.size):
+        b = bf2f(base[i])
+        count = _ram_count(xs, b, i, eps)
+        for k in range(len(xs)):
+            if abs(rnd(bf2f(xs[k][i]) - b)) > eps:
+                if count > 1:
+                    shared[k] += 1
+                else:
+                    unique[k] += 1

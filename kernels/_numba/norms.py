@@ -5,7 +5,8 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from ._bits import bf2f
+from ._bits import bf2f, f2bf
+from .philox import _fill
 
 _ABS = np.uint16(0x7FFF)
 
@@ -51,3 +52,22 @@ def row_l1_bf16(d, mask, l1, kept):
         for r in range(rows):
             l1[k, r] = _sum(d[k, r])
             kept[k, r] = _masked_sum(d[k, r], mask[k, r], scratch) if has_mask else l1[k, r]
+
+
+@nb.njit(nogil=True, cache=True, error_model="numpy")
+def dare_row_l1_bf16(e, b, seed, stream, start, limit, apply, l1, kept):
+    """``row_l1_bf16`` of δ = e - b (rounded to bf16) and of δ under DARE's Philox keep mask, formed row by
+    row in cache: no δ tensor and no mask tensor. ``start``: flat index of the first element."""
+    rows, n = e.shape
+    d = np.empty(n, np.uint16)
+    keep = np.empty(n, np.bool_)
+    scratch = np.empty(n, np.uint16)
+    for r in range(rows):
+        for c in range(n):
+            d[c] = f2bf(bf2f(e[r, c]) - bf2f(b[r, c]))
+        l1[r] = _sum(d)
+        if apply:
+            _fill(keep, seed, stream, start + np.uint64(r * n), 2, limit)
+            kept[r] = _masked_sum(d, keep, scratch)
+        else:
+            kept[r] = l1[r]

@@ -200,11 +200,11 @@ _SAMPLE = 1_000_000
 _QUANTILES = (0.25, 0.5, 0.75)
 
 
-def _importance(f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    diff = (f - b).abs()
+def _kl(f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KL divergence of the softmax of each last-dim vector of ``f`` from that of ``b`` (keepdim)."""
     p = F.softmax(f, dim=-1) + 1e-8
     q = F.softmax(b, dim=-1) + 1e-8
-    return diff * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
 
 
 def _pair(job: TensorJob, chunks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,32 +231,46 @@ def _fusion_reduces(job: TensorJob) -> tuple[Reduce, ...]:
                 cache["pos"] = sample_positions(job.seed % (1 << 64), stream_id(model, job.name), job.numel)
             return cache["pos"]
 
-    def init(job: TensorJob) -> list[torch.Tensor]:
-        return []
+    def init(job: TensorJob) -> dict[str, list]:
+        return {"kl": [], "imp": []}
 
-    def update(state: list[torch.Tensor], job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
+    def update(state: dict[str, list], job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
         b, f = _pair(job, chunks)
-        imp = rowwise(_importance, f, b).reshape(-1)
+        kl = rowwise(_kl, f, b)
+        diff = (f - b).abs()
         if sampled:
             start = row0 * job.row_elems
             pos = positions()
-            lo, hi = torch.searchsorted(pos, torch.tensor([start, start + imp.numel()])).tolist()
-            imp = imp[pos[lo:hi] - start]
-        state.append(imp.cpu())
+            lo, hi = torch.searchsorted(pos, torch.tensor([start, start + diff.numel()])).tolist()
+            at = pos[lo:hi].to(diff.device) - start
+            imp = diff.reshape(-1)[at] * kl.reshape(-1)[at // diff.shape[-1]]
+        else:
+            imp = (diff * kl).reshape(-1)
+        state["kl"].append((row0, kl.reshape(-1).cpu()))
+        state["imp"].append(imp.cpu())
 
-    def finish(state: list[torch.Tensor], job: TensorJob, stats: Sequence[Any]) -> torch.Tensor:
-        values = torch.sort(torch.cat(state)).values
+    def merge(into: dict[str, list], other: dict[str, list]) -> None:
+        into["kl"].extend(other["kl"])
+        into["imp"].extend(other["imp"])
+
+    def finish(state: dict[str, list], job: TensorJob, stats: Sequence[Any]) -> dict[str, torch.Tensor]:
+        values = torch.sort(torch.cat(state["imp"])).values
         idx = (torch.tensor(_QUANTILES) * (values.numel() - 1)).long()
         q1, median, q3 = values[idx]
-        return median + 1.5 * (q3 - q1)
+        kl = torch.cat([v for _, v in sorted(state["kl"], key=lambda item: item[0])])
+        return {"threshold": median + 1.5 * (q3 - q1), "kl": kl}
 
-    return (Reduce(init, update, finish, merge=lambda into, other: into.extend(other)),)
+    return (Reduce(init, update, finish, merge=merge),)
 
 
 def _fusion_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
+    """The importance |f - b| · KL(row) from the KL values the reduce pass kept: no second softmax."""
     b, f = _pair(job, chunks)
-    imp = rowwise(_importance, f, b)
-    mask = (imp >= stats[0].to(imp.device)).float()
+    per_row = f.numel() // f.shape[-1] if f.dim() else 1
+    first = row0 * job.row_elems // f.shape[-1] if f.dim() >= 2 else 0
+    kl = stats[0]["kl"][first:first + per_row].to(f.device).reshape(*f.shape[:-1], 1) if f.dim() else stats[0]["kl"][0]
+    imp = (f - b).abs() * kl
+    mask = (imp >= stats[0]["threshold"].to(imp.device)).float()
     return b + (f - b) * mask
 
 

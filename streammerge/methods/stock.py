@@ -19,7 +19,8 @@ from ._stats import Gram, as_rows, gram_reduce, model_mean, model_sum, nonbase, 
 from .registry import REQUIRED, MethodSpec, Param, Reduce, TensorJob, in_range
 
 torch = lazy_module("torch")
-_stock_mix, _nearswap_mix = lazy_names("streammerge.kernels.blend", "stock_mix", "nearswap_mix")
+_stock_mix, _nearswap_mix, _ram_fused, _ram_counts_fused = lazy_names(
+    "streammerge.kernels.blend", "stock_mix", "nearswap_mix", "ram_fused", "ram_counts_fused")
 
 
 # -- model_stock ------------------------------------------------------------------------------------
@@ -146,6 +147,9 @@ def _ram_parts(job: TensorJob, chunks: Sequence[torch.Tensor]):
 def _ram_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
     if len(chunks) == 1:
         return chunks[0]
+    fused = _ram_fused(chunks[job.base], nonbase(job, chunks), float(job.params["epsilon"]))
+    if fused is not None:
+        return fused
     base, tv, nonzero, counts = _ram_parts(job, chunks)
     tz = tv * nonzero
     merged = model_sum(tz * (counts == 1) + tz * (counts > 1) / counts.clamp(min=1))
@@ -158,11 +162,15 @@ def _ramplus_init(job: TensorJob) -> list[list[int]]:
 
 
 def _ramplus_update(state: list[list[int]], job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
-    _, _, nonzero, counts = _ram_parts(job, chunks)
-    k = nonzero.shape[0]
-    shared = (nonzero & (counts > 1)).reshape(k, -1).sum(dim=1).tolist()
-    unique = (nonzero & (counts == 1)).reshape(k, -1).sum(dim=1).tolist()
-    for i in range(k):
+    fused = _ram_counts_fused(chunks[job.base], nonbase(job, chunks), float(job.params["epsilon"]))
+    if fused is not None:
+        shared, unique = fused
+    else:
+        _, _, nonzero, counts = _ram_parts(job, chunks)
+        k = nonzero.shape[0]
+        shared = (nonzero & (counts > 1)).reshape(k, -1).sum(dim=1).tolist()
+        unique = (nonzero & (counts == 1)).reshape(k, -1).sum(dim=1).tolist()
+    for i in range(len(shared)):
         state[0][i] += shared[i]
         state[1][i] += unique[i]
 
@@ -189,6 +197,9 @@ def _ramplus_reduces(job: TensorJob) -> tuple[Reduce, ...]:
 def _ramplus_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
     if len(chunks) == 1:
         return chunks[0]
+    fused = _ram_fused(chunks[job.base], nonbase(job, chunks), float(job.params["epsilon"]), stats[0])
+    if fused is not None:
+        return fused
     base, tv, nonzero, counts = _ram_parts(job, chunks)
     lam = stats[0].to(base.device).view(-1, *([1] * base.dim()))
     tz = tv * nonzero

@@ -31,9 +31,9 @@ torch = lazy_module("torch")
 bernoulli_keep, stream_id = lazy_names("streammerge.kernels.philox", "bernoulli_keep", "stream_id")
 KthMagnitude, equal_per_row, magnitude_keys, topk_mask = lazy_names(
     "streammerge.kernels.threshold", "KthMagnitude", "equal_per_row", "magnitude_keys", "topk_mask")
-(merge_deltas,) = lazy_names("streammerge.kernels.vote", "merge_deltas")
+merge_deltas, merge_dare = lazy_names("streammerge.kernels.vote", "merge_deltas", "merge_dare")
 (della_keep,) = lazy_names("streammerge.kernels.della", "della_keep")
-(row_l1,) = lazy_names("streammerge.kernels.norms", "row_l1")
+row_l1, dare_row_l1 = lazy_names("streammerge.kernels.norms", "row_l1", "dare_row_l1")
 (scratch,) = lazy_names("streammerge.kernels.scratch", "scratch")
 
 RESCALE_EPS = 1e-7
@@ -349,6 +349,19 @@ def _bernoulli_masks(job: TensorJob, d: torch.Tensor, row0: int, kind: str) -> t
     return mask
 
 
+def _dare_update(state: dict, job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
+    """The DARE rescale sums straight from the inputs, expert by expert (same sums as the δ/mask path)."""
+    base = chunks[job.base]
+    rows = base.shape[0] if base.dim() >= 2 and len(job.shape) >= 2 else 1
+    base = base.reshape(rows, -1)
+    start = _flat_start(job, row0)
+    parts = [dare_row_l1(chunks[i].reshape(rows, -1), base, job.seed, stream_id(job.model_ids[i], job.name), start,
+                         _dare_p(job, i) if _needs_mask(job, i) else None)
+             for i in range(len(chunks)) if i != job.base]
+    state["l1"].append(torch.stack([p[0] for p in parts]))
+    state["kept"].append(torch.stack([p[1] for p in parts]))
+
+
 def _bernoulli_reduces(job: TensorJob, kind: str) -> tuple[Reduce, ...]:
     """‖δ‖₁ and ‖masked δ‖₁ per row. The map draws the mask again: a Philox draw costs less than
     holding a whole tensor's masks between the passes."""
@@ -356,6 +369,8 @@ def _bernoulli_reduces(job: TensorJob, kind: str) -> tuple[Reduce, ...]:
         return {"l1": [], "kept": []}
 
     def update(state, job, chunks, row0):
+        if kind == "random":
+            return _dare_update(state, job, chunks, row0)
         _, _, d = _deltas(job, chunks)
         mask = _bernoulli_masks(job, d, row0, kind)
         k = d.shape[0]
@@ -420,27 +435,36 @@ def _make(name: str, sparsify: str | None, consensus: bool, normalize: bool, res
         return ()
 
     def map_fn(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
-        base, others, d = _deltas(job, chunks)
+        base = chunks[job.base]
+        others = [i for i in range(len(chunks)) if i != job.base]
         if not others:
             return base
-        mask, scale = None, None
+        scale = None
+        if magnitude and stats and job.params["rescale"]:
+            scale = stats[-1]["scale"]
+        elif sparsify in ("random", "della") and job.params["rescale"]:
+            if job.params["rescale_mode"] == "l1":
+                scale = stats[-1]["scale"]
+            else:
+                scale = [1.0 / float(_mp(job, i, "density")) for i in others]
+        if scale is not None:
+            scale = torch.tensor(scale, dtype=torch.float64).to(_work_dtype(base.dtype)).to(base.dtype)
+        weights = [float(_mp(job, i, "weight")) for i in others]
+        mix = dict(scale=scale, consensus=job.params.get("consensus", "sum") if consensus else None,
+                   normalize=bool(job.params["normalize"]), lam=float(job.params["lambda"]))
+        if sparsify == "random":
+            fused = merge_dare(base, [chunks[i] for i in others], weights, job.seed,
+                               [stream_id(job.model_ids[i], job.name) for i in others], _flat_start(job, row0),
+                               [_dare_p(job, i) if _needs_mask(job, i) else None for i in others], **mix)
+            if fused is not None:
+                return fused
+        _, _, d = _deltas(job, chunks)
+        mask = None
         if magnitude and stats:
             mask = _magnitude_masks(job, d, stats[-1], row0, sparsify)
-            scale = stats[-1]["scale"] if job.params["rescale"] else None
         elif sparsify in ("random", "della"):
             mask = _bernoulli_masks(job, d, row0, sparsify)
-            if job.params["rescale"]:
-                if job.params["rescale_mode"] == "l1":
-                    scale = stats[-1]["scale"]
-                else:
-                    scale = [1.0 / float(_mp(job, i, "density")) for i in others]
-        if scale is not None:
-            scale = torch.tensor(scale, dtype=torch.float64).to(_work_dtype(d.dtype)).to(d.dtype)
-        weights = [float(_mp(job, i, "weight")) for i in others]
-        method = job.params.get("consensus", "sum") if consensus else None
-        return merge_deltas(base, d, weights, mask, scale=scale, consensus=method,
-                            normalize=bool(job.params["normalize"]), lam=float(job.params["lambda"]),
-                            experts=[chunks[i] for i in others])
+        return merge_deltas(base, d, weights, mask, **mix, experts=[chunks[i] for i in others])
 
     def validate(job: TensorJob) -> str | None:
         if sparsify == "della":

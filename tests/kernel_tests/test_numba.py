@@ -19,9 +19,9 @@ from streammerge.kernels import dispatch  # noqa: E402
 from streammerge.kernels.blend import nearswap_mix, stock_mix  # noqa: E402
 from streammerge.kernels.della import della_keep  # noqa: E402
 from streammerge.kernels.dots import SEGMENT, segment_dots  # noqa: E402
-from streammerge.kernels.norms import row_l1  # noqa: E402
+from streammerge.kernels.norms import dare_row_l1, row_l1  # noqa: E402
 from streammerge.kernels.philox import bernoulli_keep, philox_uniform, philox_words  # noqa: E402
-from streammerge.kernels.vote import merge_deltas  # noqa: E402
+from streammerge.kernels.vote import merge_dare, merge_deltas  # noqa: E402
 
 
 def both(monkeypatch, fn):
@@ -169,19 +169,22 @@ FUSED_MAPS = {
     "multislerp": ({"weight": 0.2}, {"weight": 0.5}, {"weight": 0.3}),
     "model_stock": ({}, {}, {}),
     "nearswap": ({},),
+    "ram": ({}, {}, {}),
+    "ramplus_tl": ({}, {}, {}),
 }
+GLOBALS = {"nearswap": {"t": 0.002}, "ram": {"epsilon": 0.01}, "ramplus_tl": {"epsilon": 0.01, "r": 0.5, "alpha": 0.9}}
 
 
 @pytest.mark.parametrize("with_base", [False, True])
 @pytest.mark.parametrize("method", sorted(FUSED_MAPS))
 def test_fused_spherical_and_stock_maps_write_the_torch_bytes(tiny_family, tmp_path, monkeypatch, method, with_base):
     base, experts = tiny_family
-    if method in ("model_stock", "nearswap") and not with_base:
+    if method in ("model_stock", "nearswap", "ram", "ramplus_tl") and not with_base:
         pytest.skip(f"{method} needs a base")
     models = [{"model": str(e), "parameters": p} for e, p in zip(experts, FUSED_MAPS[method])]
     cfg = {"merge_method": method, "dtype": "bfloat16", "models": models,
            **({"base_model": str(base)} if with_base else {}),
-           **({"parameters": {"t": 0.002}} if method == "nearswap" else {})}
+           **({"parameters": GLOBALS[method]} if method in GLOBALS else {})}
     out = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("STREAMMERGE_NO_NUMBA", flag)
@@ -189,6 +192,29 @@ def test_fused_spherical_and_stock_maps_write_the_torch_bytes(tiny_family, tmp_p
         out[flag] = shard_bytes(merge(cfg, tmp_path, f"{method}-{flag}"))
         assert ("numba-cpu" in dispatch.used().get("blend", [])) == (flag == "0")
     assert out["0"] == out["1"]
+
+
+@pytest.mark.parametrize("start", [0, 3, 2**33 + 5])
+@pytest.mark.parametrize("consensus", [None, "sum", "count"])
+def test_dare_fused_from_the_inputs_equals_the_mask_then_mix_path(start, consensus):
+    """δ and the Philox masks formed inside the loops (tiles of 512, odd starts) = drawing them first."""
+    g = torch.Generator().manual_seed(start % 97)
+    rows, n = 5, 1301
+    base = torch.randn(rows, n, generator=g).bfloat16()
+    experts = [(base.float() + 0.05 * torch.randn(rows, n, generator=g)).bfloat16() for _ in range(3)]
+    ps, streams = [0.5, None, 0.3], [11, 12, 2**63 + 13]
+    d = torch.stack([e - base for e in experts])
+    mask = torch.stack([torch.ones(rows, n, dtype=torch.bool) if p is None else
+                        bernoulli_keep(9, s, start, rows * n, p).reshape(rows, n) for p, s in zip(ps, streams)])
+    scale = torch.tensor([1.9, 1.0, 3.1]).bfloat16()
+    kw = dict(scale=scale, consensus=consensus, normalize=consensus is not None, lam=0.9)
+    want = merge_deltas(base, d, [0.3, 0.5, 0.2], mask, **kw)
+    got = merge_dare(base, experts, [0.3, 0.5, 0.2], 9, streams, start, ps, **kw)
+    assert torch.equal(bits(got), bits(want))
+    for e, p, s, dj, mj in zip(experts, ps, streams, d, mask):
+        l1, kept = dare_row_l1(e, base, 9, s, start, p)
+        ref_l1, ref_kept = row_l1(dj.unsqueeze(0), mj.unsqueeze(0))
+        assert torch.equal(l1, ref_l1[0]) and torch.equal(kept, ref_kept[0])
 
 
 def test_dispatch_falls_back_to_torch(monkeypatch):
