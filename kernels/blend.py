@@ -20,6 +20,11 @@ def _bits(t: torch.Tensor):
     return t.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1)
 
 
+def _stacked(xs: Sequence[torch.Tensor]):
+    """The models' bits as one [K, n] array: a loop indexing a tuple of arrays by model stays scalar."""
+    return _bits(torch.stack(list(xs))).reshape(len(xs), -1)
+
+
 def _fused(*xs: torch.Tensor) -> bool:
     return (all(x.dtype == torch.bfloat16 and x.device.type == "cpu" for x in xs)
             and dispatch.choose("blend", "cpu") == "numba")
@@ -33,7 +38,7 @@ def stock_mix(w0: torch.Tensor, ws: Sequence[torch.Tensor], t: torch.Tensor) -> 
         from ._numba import blend as kernel
 
         out = torch.empty(w0.shape, dtype=w0.dtype)
-        kernel.stock_bf16(_bits(out), _bits(w0), tuple(_bits(w) for w in ws), np.float32(t.float().item()),
+        kernel.stock_bf16(_bits(out), _bits(w0), _stacked(ws), np.float32(t.float().item()),
                           np.float32((1 - t).float().item()), np.float32(len(ws)))
         dispatch.ran("blend", "numba", w0.device)
         return out
@@ -73,7 +78,7 @@ def multislerp_fused(xs: Sequence[torch.Tensor], base: torch.Tensor | None,
 
     f32 = {k: v.float().reshape(-1).numpy() for k, v in sc.items()}
     out = torch.empty(xs[0].shape, dtype=torch.bfloat16)
-    kernel.multislerp_bf16(_bits(out), tuple(_bits(x) for x in xs),
+    kernel.multislerp_bf16(_bits(out), _stacked(xs),
                            np.empty(0, np.uint16) if base is None else _bits(base), base is not None,
                            f32["denom"], f32["w"], f32["dots"], f32["mean_norm"][0], f32["cos_s"][0],
                            f32["sinc_s"][0], f32["avg_norm"][0])
@@ -117,7 +122,7 @@ def ram_fused(base: torch.Tensor, xs: Sequence[torch.Tensor], eps: float,
     out = torch.empty(base.shape, dtype=torch.float32 if plus else torch.bfloat16)
     empty16, empty32 = np.empty(0, np.uint16), np.empty(0, np.float32)
     kernel.ram_bf16(empty16 if plus else _bits(out), out.reshape(-1).numpy() if plus else empty32, _bits(base),
-                    tuple(_bits(x) for x in xs), _ram_eps(eps), lam.reshape(-1).numpy() if plus else empty32, plus)
+                    _stacked(xs), _ram_eps(eps), lam.reshape(-1).numpy() if plus else empty32, plus)
     dispatch.ran("blend", "numba", base.device)
     return out
 
@@ -131,7 +136,7 @@ def ram_counts_fused(base: torch.Tensor, xs: Sequence[torch.Tensor], eps: float)
     from ._numba import blend as kernel
 
     shared, unique = np.zeros(len(xs), np.int64), np.zeros(len(xs), np.int64)
-    kernel.ram_counts_bf16(_bits(base), tuple(_bits(x) for x in xs), _ram_eps(eps), shared, unique)
+    kernel.ram_counts_bf16(_bits(base), _stacked(xs), _ram_eps(eps), shared, unique)
     dispatch.ran("blend", "numba", base.device)
     return shared.tolist(), unique.tolist()
 

@@ -153,41 +153,6 @@ def merge_deltas(
     return out
 
 
-def merge_dare(
-    base: torch.Tensor,
-    experts: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    seed: int,
-    streams: Sequence[int],
-    start: int,
-    keep_p: Sequence[float | None],
-    *,
-    scale: Sequence[float] | torch.Tensor | None = None,
-    consensus: Consensus | None = None,
-    normalize: bool = False,
-    lam: float = 1.0,
-) -> torch.Tensor | None:
-    """``merge_deltas`` for DARE with δ and the Philox keep masks (``bernoulli_keep`` of ``keep_p[k]``,
-    None: no mask; elements from flat index ``start``) formed inside the fused CPU loop, or None where
-    there is no such path (the caller then draws the masks and calls ``merge_deltas``). Same bits."""
-    if not (dispatch.choose("taskvec", base.device) == "numba" and base.dtype == torch.bfloat16
-            and all(e.dtype == torch.bfloat16 and e.shape == base.shape for e in experts)
-            and all(p is None or 0 < p <= 1 for p in keep_p)):
-        return None
-    from ._numba import taskvec as kernel
-    from .philox import keep_limit
-
-    out = torch.empty(base.shape, dtype=base.dtype)
-    limits = np.array([0 if p is None else keep_limit(p) for p in keep_p], dtype=np.uint64)
-    kernel.mix_dare_bf16(_bits(out), _bits(base), tuple(_bits(e) for e in experts), np.uint64(seed),
-                         np.array(streams, dtype=np.uint64), np.uint64(start), limits,
-                         *_fused_scalars(weights, scale, len(experts), consensus, normalize, lam))
-    dispatch.ran("taskvec", "numba", base.device)
-    if any(p is not None for p in keep_p):
-        dispatch.ran("philox", "numba", base.device)
-    return out
-
-
 def _fused_scalars(weights, scale, k: int, consensus: Consensus | None, normalize: bool, lam: float) -> tuple:
     """The fused kernels' per-model and scalar arguments, rounded as the eager chain rounds them."""
     from ._numba import taskvec as kernel

@@ -2,6 +2,7 @@
 torch chains (each elementwise op computed in float32 and rounded to bf16, as torch rounds it).
 
 The eager chains make 5-7 passes over bf16 temporaries; these read each input once and write once.
+Loops over several models run in tiles, models outer and elements inner, so the element loops vectorize.
 ``tests/kernel_tests/test_numba.py`` pins both to the torch expressions in ``methods/stock.py``.
 """
 
@@ -12,17 +13,25 @@ import numpy as np
 
 from ._bits import bf2f, f2bf, rnd
 
+_TILE = 512
+
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
 def stock_bf16(out, w0, ws, t, one_minus_t, count):
-    """``t * (Σ ws / K) + (1 - t) * w0`` with Python's ``sum`` (from the int 0) over ``ws`` in order."""
+    """``t * (Σ ws / K) + (1 - t) * w0`` with Python's ``sum`` (from the int 0) over ``ws`` [K, n] in order."""
     zero = np.float32(0.0)
-    for i in range(out.size):
-        acc = rnd(zero + bf2f(ws[0][i]))
-        for k in range(1, len(ws)):
-            acc = rnd(acc + bf2f(ws[k][i]))
-        avg = rnd(acc / count)
-        out[i] = f2bf(rnd(t * avg) + rnd(one_minus_t * bf2f(w0[i])))
+    n = out.size
+    acc = np.empty(_TILE, np.float32)
+    for t0 in range(0, n, _TILE):
+        m = min(_TILE, n - t0)
+        for j in range(m):
+            acc[j] = rnd(zero + bf2f(ws[0, t0 + j]))
+        for k in range(1, ws.shape[0]):
+            for j in range(m):
+                acc[j] = rnd(acc[j] + bf2f(ws[k, t0 + j]))
+        for j in range(m):
+            avg = rnd(acc[j] / count)
+            out[t0 + j] = f2bf(rnd(t * avg) + rnd(one_minus_t * bf2f(w0[t0 + j])))
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
@@ -44,22 +53,38 @@ def nearswap_bf16(out, a, b, t, floor):
 def multislerp_bf16(out, xs, base, has_base, denom, w, dots, mean_norm, cos_s, sinc_s, avg_norm):
     """mergekit's multislerp map: units u = v / denom, m = Σ w u / ‖mean‖, tangent Σ w (u - dots m),
     out = (m cos + tangent sinc) · avg_norm, with v = x - base and out + base when there is a base."""
-    k_models = len(xs)
+    k_models = xs.shape[0]
+    n = out.size
     zero = np.float32(0.0)
-    for i in range(out.size):
-        b = bf2f(base[i]) if has_base else zero
-        acc = zero
+    u = np.empty((k_models, _TILE), np.float32)
+    b = np.zeros(_TILE, np.float32)
+    acc = np.empty(_TILE, np.float32)
+    mm = np.empty(_TILE, np.float32)
+    for t0 in range(0, n, _TILE):
+        m = min(_TILE, n - t0)
+        if has_base:
+            for j in range(m):
+                b[j] = bf2f(base[t0 + j])
+            for k in range(k_models):
+                for j in range(m):
+                    u[k, j] = rnd(rnd(bf2f(xs[k, t0 + j]) - b[j]) / denom[k])
+        else:
+            for k in range(k_models):
+                for j in range(m):
+                    u[k, j] = rnd(bf2f(xs[k, t0 + j]) / denom[k])
+        acc[:m] = zero
         for k in range(k_models):
-            v = rnd(bf2f(xs[k][i]) - b) if has_base else bf2f(xs[k][i])
-            acc += rnd(rnd(v / denom[k]) * w[k])
-        m = rnd(rnd(acc) / mean_norm)
-        tan = zero
+            for j in range(m):
+                acc[j] += rnd(u[k, j] * w[k])
+        for j in range(m):
+            mm[j] = rnd(rnd(acc[j]) / mean_norm)
+        acc[:m] = zero
         for k in range(k_models):
-            v = rnd(bf2f(xs[k][i]) - b) if has_base else bf2f(xs[k][i])
-            u = rnd(v / denom[k])
-            tan += rnd(rnd(u - rnd(dots[k] * m)) * w[k])
-        r = rnd(rnd(rnd(m * cos_s) + rnd(rnd(tan) * sinc_s)) * avg_norm)
-        out[i] = f2bf(r + b) if has_base else f2bf(r)
+            for j in range(m):
+                acc[j] += rnd(rnd(u[k, j] - rnd(dots[k] * mm[j])) * w[k])
+        for j in range(m):
+            r = rnd(rnd(rnd(mm[j] * cos_s) + rnd(rnd(acc[j]) * sinc_s)) * avg_norm)
+            out[t0 + j] = f2bf(r + b[j]) if has_base else f2bf(r)
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
@@ -75,47 +100,70 @@ def slerp_bf16(out, x0, x1, base, has_base, s0, s1, sin_theta):
 
 
 @nb.njit(inline="always", nogil=True, cache=True)
-def _ram_count(xs, b, i, eps):
-    count = 0
-    for k in range(len(xs)):
-        count += abs(rnd(bf2f(xs[k][i]) - b)) > eps
-    return count
+def _ram_tile(xs, base, t0, m, eps, tv, nz, cnt):
+    """Task vectors of one tile, which exceed ``eps``, and how many models exceed it per element."""
+    for k in range(xs.shape[0]):
+        for j in range(m):
+            t = rnd(bf2f(xs[k, t0 + j]) - bf2f(base[t0 + j]))
+            tv[k, j] = t
+            nz[k, j] = np.float32(abs(t) > eps)
+    cnt[:m] = np.float32(0.0)
+    for k in range(xs.shape[0]):
+        for j in range(m):
+            cnt[j] += nz[k, j]
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
 def ram_bf16(out16, out32, base, xs, eps, lam, plus):
     """RAM: each model's task-vector entry above ``eps`` is kept where it is the only one and averaged
     where several are; RAM+ (``plus``) multiplies the unique entries by ``lam[k]`` in fp32 and writes fp32."""
+    k_models = xs.shape[0]
+    n = base.size
     zero = np.float32(0.0)
-    for i in range(base.size):
-        b = bf2f(base[i])
-        count = _ram_count(xs, b, i, eps)
-        div = np.float32(max(count, 1))
-        acc = zero
-        for k in range(len(xs)):
-            t = rnd(bf2f(xs[k][i]) - b)
-            tz = t * np.float32(abs(t) > eps)
-            alone = tz * np.float32(count == 1)
-            shared = rnd(tz * np.float32(count > 1) / div)
+    one = np.float32(1.0)
+    tv = np.empty((k_models, _TILE), np.float32)
+    nz = np.empty((k_models, _TILE), np.float32)
+    cnt = np.empty(_TILE, np.float32)
+    acc = np.empty(_TILE, np.float32)
+    for t0 in range(0, n, _TILE):
+        m = min(_TILE, n - t0)
+        _ram_tile(xs, base, t0, m, eps, tv, nz, cnt)
+        acc[:m] = zero
+        for k in range(k_models):
+            lk = lam[k] if plus else one
+            for j in range(m):
+                tz = tv[k, j] * nz[k, j]
+                alone = tz * np.float32(cnt[j] == one)
+                shared = rnd(tz * np.float32(cnt[j] > one) / max(cnt[j], one))
+                if plus:
+                    acc[j] += alone * lk + shared
+                else:
+                    acc[j] += rnd(alone + shared)
+        for j in range(m):
+            b = bf2f(base[t0 + j])
             if plus:
-                acc += alone * lam[k] + shared
+                out32[t0 + j] = b + acc[j]
             else:
-                acc += rnd(alone + shared)
-        if plus:
-            out32[i] = b + acc
-        else:
-            out16[i] = f2bf(b + rnd(acc))
+                out16[t0 + j] = f2bf(b + rnd(acc[j]))
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
 def ram_counts_bf16(base, xs, eps, shared, unique):
     """Per model, how many of its entries above ``eps`` other models share, and how many only it has."""
-    for i in range(base.size):
-        b = bf2f(base[i])
-        count = _ram_count(xs, b, i, eps)
-        for k in range(len(xs)):
-            if abs(rnd(bf2f(xs[k][i]) - b)) > eps:
-                if count > 1:
-                    shared[k] += 1
-                else:
-                    unique[k] += 1
+    k_models = xs.shape[0]
+    n = base.size
+    one = np.float32(1.0)
+    tv = np.empty((k_models, _TILE), np.float32)
+    nz = np.empty((k_models, _TILE), np.float32)
+    cnt = np.empty(_TILE, np.float32)
+    for t0 in range(0, n, _TILE):
+        m = min(_TILE, n - t0)
+        _ram_tile(xs, base, t0, m, eps, tv, nz, cnt)
+        for k in range(k_models):
+            s = 0
+            u = 0
+            for j in range(m):
+                s += np.int64(nz[k, j] * np.float32(cnt[j] > one))
+                u += np.int64(nz[k, j] * np.float32(cnt[j] == one))
+            shared[k] += s
+            unique[k] += u

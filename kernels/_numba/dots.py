@@ -10,7 +10,11 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from ._bits import _as_f32, rnd
+from ._bits import _as_f32, _as_u32
+
+_BIAS = np.uint32(0x7FFF)
+_ONE = np.uint32(1)
+_16 = np.uint32(16)
 
 
 @nb.njit(inline="always", nogil=True, cache=True)
@@ -19,12 +23,20 @@ def _dec(bits, shift):
 
 
 @nb.njit(inline="always", nogil=True, cache=True)
+def _round_bf16(x):
+    """float32 -> nearest-even bf16 value without ``rnd``'s NaN branch, which kept this loop scalar.
+    A product of two bf16 values has zero low bits, so a NaN stays a NaN."""
+    u = _as_u32(x)
+    return _as_f32(np.uint32(((u + _BIAS + ((u >> _16) & _ONE)) >> _16) << _16))
+
+
+@nb.njit(inline="always", nogil=True, cache=True)
 def _prod(x, y, rounded, shift):
     """x·y exactly, or rounded to the inputs' dtype first as an eager ``a * b`` rounds it."""
-    p = np.float64(x) * np.float64(y)
     if rounded:
-        p = np.float64(rnd(np.float32(p)) if shift else np.float32(p))
-    return p
+        p = x * y   # float32: exact for bf16 inputs, torch's own rounding for fp32
+        return np.float64(_round_bf16(p) if shift else p)
+    return np.float64(x) * np.float64(y)
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")

@@ -12,7 +12,6 @@ import numba as nb
 import numpy as np
 
 from ._bits import bf2f, f2bf, rnd
-from .philox import _fill
 
 NO_CONSENSUS, SUM, COUNT = 0, 1, 2
 
@@ -40,8 +39,11 @@ def mix_bf16(out, base, d, mask, scale, w, consensus, normalize, lam, divisor_co
     has_mask = mask.shape[0] > 0
     has_scale = scale.shape[0] > 0
     one = np.float32(1.0)
+    zero = np.float32(0.0)
     wd = np.empty((k_models, _TILE), np.float32)
-    work = np.empty((3, _TILE), np.float32)
+    acc = np.empty(_TILE, np.float32)
+    wacc = np.empty(_TILE, np.float32)
+    majority = np.empty(_TILE, np.float32)
     for t0 in range(0, n, _TILE):
         m = min(_TILE, n - t0)
         for k in range(k_models):
@@ -54,79 +56,35 @@ def mix_bf16(out, base, d, mask, scale, w, consensus, normalize, lam, divisor_co
                 if has_scale:
                     x = rnd(x * sk)
                 wd[k, j] = rnd(x * wk)
-        _vote_tile(out, base, t0, m, wd, work, w, consensus, normalize, lam, divisor_const)
-
-
-@nb.njit(nogil=True, cache=True, error_model="numpy")
-def mix_dare_bf16(out, base, experts, seed, streams, start, limits, scale, w, consensus, normalize, lam,
-                  divisor_const):
-    """``mix_bf16`` for DARE straight from the inputs: δ = expert - base and the Philox keep mask
-    (``limits[k]`` = 0: no mask) are formed per tile in cache, never as tensors.
-    ``start``: flat index of the band's first element in its tensor."""
-    k_models = len(experts)
-    n = base.size
-    has_scale = scale.shape[0] > 0
-    one = np.float32(1.0)
-    wd = np.empty((k_models, _TILE), np.float32)
-    work = np.empty((3, _TILE), np.float32)
-    keep = np.empty(_TILE, np.bool_)
-    for t0 in range(0, n, _TILE):
-        m = min(_TILE, n - t0)
-        for k in range(k_models):
-            wk = w[k]
-            sk = scale[k] if has_scale else one
-            e = experts[k]
-            masked = limits[k] > 0
-            if masked:
-                _fill(keep[:m], seed, streams[k], start + np.uint64(t0), 2, limits[k])
-            for j in range(m):
-                x = rnd(bf2f(e[t0 + j]) - bf2f(base[t0 + j]))
-                if masked:
-                    x = x * np.float32(keep[j])
-                if has_scale:
-                    x = rnd(x * sk)
-                wd[k, j] = rnd(x * wk)
-        _vote_tile(out, base, t0, m, wd, work, w, consensus, normalize, lam, divisor_const)
-
-
-@nb.njit(inline="always", nogil=True, cache=True)
-def _vote_tile(out, base, t0, m, wd, work, w, consensus, normalize, lam, divisor_const):
-    """From the weighted δ of one tile (``wd``) to the output: sign election, agreeing sum, divisor."""
-    k_models = wd.shape[0]
-    one = np.float32(1.0)
-    zero = np.float32(0.0)
-    acc = work[0]
-    wacc = work[1]
-    majority = work[2]
-    acc[:m] = zero
-    if consensus == NO_CONSENSUS:
-        for k in range(k_models):
-            for j in range(m):
-                acc[j] += wd[k, j]
-        for j in range(m):
-            wacc[j] = divisor_const
-    else:
-        for k in range(k_models):
-            for j in range(m):
-                acc[j] += wd[k, j] if consensus == SUM else _sign(wd[k, j])
-        for j in range(m):
-            up = np.float32(rnd(acc[j]) >= zero)
-            majority[j] = up + up - one
         acc[:m] = zero
-        wacc[:m] = zero
-        for k in range(k_models):
-            wk = w[k]
+        if consensus == NO_CONSENSUS:
+            for k in range(k_models):
+                for j in range(m):
+                    acc[j] += wd[k, j]
             for j in range(m):
-                agree = np.float32(_sign(wd[k, j]) == majority[j])
-                acc[j] += wd[k, j] * agree
-                wacc[j] += wk * agree
+                wacc[j] = divisor_const
+        else:
+            for k in range(k_models):
+                for j in range(m):
+                    acc[j] += wd[k, j] if consensus == SUM else _sign(wd[k, j])
+            for j in range(m):
+                up = np.float32(rnd(acc[j]) >= zero)
+                majority[j] = up + up - one
+            acc[:m] = zero
+            wacc[:m] = zero
+            for k in range(k_models):
+                wk = w[k]
+                for j in range(m):
+                    agree = np.float32(_sign(wd[k, j]) == majority[j])
+                    acc[j] += wd[k, j] * agree
+                    wacc[j] += wk * agree
+            for j in range(m):
+                v = rnd(wacc[j])
+                wacc[j] = one if v == zero else v
         for j in range(m):
-            v = rnd(wacc[j])
-            wacc[j] = one if v == zero else v
-    for j in range(m):
-        mixed = rnd(acc[j])
-        if normalize:
-            mixed = rnd(mixed / wacc[j])
-        if lam != one:
-            mixed = rnd(mixed * lam)
-        out[t0 + j] = f2bf(bf2f(base[t0 + j]) + mixed)
+            mixed = rnd(acc[j])
+            if normalize:
+                mixed = rnd(mixed / wacc[j])
+            if lam != one:
+                mixed = rnd(mixed * lam)
+            out[t0 + j] = f2bf(bf2f(base[t0 + j]) + mixed)

@@ -31,7 +31,7 @@ torch = lazy_module("torch")
 bernoulli_keep, stream_id = lazy_names("streammerge.kernels.philox", "bernoulli_keep", "stream_id")
 KthMagnitude, equal_per_row, magnitude_keys, topk_mask = lazy_names(
     "streammerge.kernels.threshold", "KthMagnitude", "equal_per_row", "magnitude_keys", "topk_mask")
-merge_deltas, merge_dare = lazy_names("streammerge.kernels.vote", "merge_deltas", "merge_dare")
+(merge_deltas,) = lazy_names("streammerge.kernels.vote", "merge_deltas")
 (della_keep,) = lazy_names("streammerge.kernels.della", "della_keep")
 row_l1, dare_row_l1 = lazy_names("streammerge.kernels.norms", "row_l1", "dare_row_l1")
 (scratch,) = lazy_names("streammerge.kernels.scratch", "scratch")
@@ -452,12 +452,6 @@ def _make(name: str, sparsify: str | None, consensus: bool, normalize: bool, res
         weights = [float(_mp(job, i, "weight")) for i in others]
         mix = dict(scale=scale, consensus=job.params.get("consensus", "sum") if consensus else None,
                    normalize=bool(job.params["normalize"]), lam=float(job.params["lambda"]))
-        if sparsify == "random":
-            fused = merge_dare(base, [chunks[i] for i in others], weights, job.seed,
-                               [stream_id(job.model_ids[i], job.name) for i in others], _flat_start(job, row0),
-                               [_dare_p(job, i) if _needs_mask(job, i) else None for i in others], **mix)
-            if fused is not None:
-                return fused
         _, _, d = _deltas(job, chunks)
         mask = None
         if magnitude and stats:
