@@ -32,16 +32,12 @@ def segment_sums(x: torch.Tensor) -> torch.Tensor:
     return x.sum(dim=-1).reshape(-1)
 
 
-def segment_dots(a: torch.Tensor, b: torch.Tensor, rounded: bool = False,
-                 base: torch.Tensor | None = None) -> torch.Tensor:
-    """float64 segment sums of ``a * b`` for ``[rows, m]`` tensors of one dtype (of ``(a - base) * (b - base)``
-    with ``base``, the differences rounded to the dtype as an eager subtraction rounds them).
+def segment_dots(a: torch.Tensor, b: torch.Tensor, rounded: bool = False) -> torch.Tensor:
+    """float64 segment sums of ``a * b`` for ``[rows, m]`` tensors of one dtype.
 
     The products are exact (fp64), or with ``rounded`` rounded to the inputs' dtype first, as
     mergekit's ``(a * b).sum()`` rounds them.
     """
-    if base is not None and (base.shape != a.shape or base.dtype != a.dtype):
-        raise ValueError(f"segment_dots: base {tuple(base.shape)} {base.dtype} does not match {tuple(a.shape)} {a.dtype}")
     if a.shape != b.shape or a.dim() != 2 or a.dtype != b.dtype:
         raise ValueError(f"segment_dots needs two [rows, m] tensors of one dtype; got {tuple(a.shape)} "
                          f"{a.dtype} and {tuple(b.shape)} {b.dtype}")
@@ -52,12 +48,10 @@ def segment_dots(a: torch.Tensor, b: torch.Tensor, rounded: bool = False,
         signed, unsigned, shift = _BITS[a.dtype]
         rows, m = a.shape
         out = torch.empty(rows * -(-m // SEGMENT), dtype=torch.float64)
-        bits = [t.contiguous().view(signed).numpy().view(unsigned) for t in (a, b, a if base is None else base)]
-        kernel.segment_dots(*bits, base is not None, bool(rounded), shift, SEGMENT, out.numpy())
+        bits = [t.contiguous().view(signed).numpy().view(unsigned) for t in (a, b)]
+        kernel.segment_dots(*bits, bool(rounded), shift, SEGMENT, out.numpy())
         dispatch.ran("dots", impl, a.device)
         return out
     dispatch.ran("dots", "torch", a.device)
-    if base is not None:
-        a, b = a - base, b - base
     prod = (a * b).double() if rounded else a.double() * b.double()
     return segment_sums(prod)

@@ -39,19 +39,8 @@ def _prod(x, y, rounded, shift):
     return np.float64(x) * np.float64(y)
 
 
-@nb.njit(inline="always", nogil=True, cache=True)
-def _load(x, base, has_base, r, c, shift):
-    """Element (r, c) of ``x``, or of ``x - base`` rounded as the eager subtraction rounds it."""
-    v = _dec(x[r, c], shift)
-    if has_base:
-        v = v - _dec(base[r, c], shift)
-        if shift:
-            v = _round_bf16(v)
-    return v
-
-
 @nb.njit(nogil=True, cache=True, error_model="numpy")
-def segment_dots(a, b, base, has_base, rounded, shift, seg, out):
+def segment_dots(a, b, rounded, shift, seg, out):
     """``out[r * nseg + s]`` = Σ a·b over segment ``s`` (``seg`` elements by position) of row ``r``.
 
     Four interleaved float64 lanes per segment, then the lanes in order: a fixed order, so a segment's
@@ -66,13 +55,10 @@ def segment_dots(a, b, base, has_base, rounded, shift, seg, out):
             t0 = t1 = t2 = t3 = 0.0
             whole = lo + (hi - lo) - (hi - lo) % 4
             for c in range(lo, whole, 4):
-                t0 += _prod(_load(a, base, has_base, r, c, shift), _load(b, base, has_base, r, c, shift), rounded, shift)
-                t1 += _prod(_load(a, base, has_base, r, c + 1, shift), _load(b, base, has_base, r, c + 1, shift),
-                            rounded, shift)
-                t2 += _prod(_load(a, base, has_base, r, c + 2, shift), _load(b, base, has_base, r, c + 2, shift),
-                            rounded, shift)
-                t3 += _prod(_load(a, base, has_base, r, c + 3, shift), _load(b, base, has_base, r, c + 3, shift),
-                            rounded, shift)
+                t0 += _prod(_dec(a[r, c], shift), _dec(b[r, c], shift), rounded, shift)
+                t1 += _prod(_dec(a[r, c + 1], shift), _dec(b[r, c + 1], shift), rounded, shift)
+                t2 += _prod(_dec(a[r, c + 2], shift), _dec(b[r, c + 2], shift), rounded, shift)
+                t3 += _prod(_dec(a[r, c + 3], shift), _dec(b[r, c + 3], shift), rounded, shift)
             for c in range(whole, hi):
-                t0 += _prod(_load(a, base, has_base, r, c, shift), _load(b, base, has_base, r, c, shift), rounded, shift)
+                t0 += _prod(_dec(a[r, c], shift), _dec(b[r, c], shift), rounded, shift)
             out[r * nseg + s] = ((t0 + t1) + t2) + t3

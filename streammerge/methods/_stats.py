@@ -117,12 +117,10 @@ class Gram:
         self.sums = {p: ExactSum() for p in pairs}
         self.rounded = frozenset(rounded)
 
-    def update(self, xs: Sequence[torch.Tensor], base: torch.Tensor | None = None) -> None:
-        """Add the pairwise sums of `xs` (of `x - base` with `base`: no difference tensors are made)."""
+    def update(self, xs: Sequence[torch.Tensor]) -> None:
         rows = [as_rows(x) for x in xs]
-        b = None if base is None else as_rows(base)
         for (i, j), acc in self.sums.items():
-            acc.add(_segment_dots(rows[i], rows[j], (i, j) in self.rounded, b).tolist())
+            acc.add(_segment_dots(rows[i], rows[j], (i, j) in self.rounded).tolist())
 
     def merge(self, other: "Gram") -> None:
         for p, acc in self.sums.items():
@@ -140,19 +138,14 @@ def all_pairs(k: int) -> list[tuple[int, int]]:
 def gram_reduce(vectors: Callable[[TensorJob, list[torch.Tensor]], Sequence[torch.Tensor]],
                 pairs: Callable[[TensorJob], Iterable[tuple[int, int]]],
                 finish: Callable[[Gram, TensorJob, Sequence[Any]], Any],
-                rounded: Callable[[TensorJob], Iterable[tuple[int, int]]] = lambda job: (),
-                from_base: bool = False) -> Reduce:
-    """A one-pass reduce of exact pairwise sums over `vectors(job, chunks)` (with `from_base`, over the
-    non-base inputs minus the base, formed inside the sums); parallel-safe (exact merge)."""
+                rounded: Callable[[TensorJob], Iterable[tuple[int, int]]] = lambda job: ()) -> Reduce:
+    """A one-pass reduce of exact pairwise sums over `vectors(job, chunks)`; parallel-safe (exact merge)."""
 
     def init(job: TensorJob) -> Gram:
         return Gram(pairs(job), rounded(job))
 
     def update(state: Gram, job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
-        if from_base and job.base is not None:
-            state.update(nonbase(job, chunks), chunks[job.base])
-        else:
-            state.update(vectors(job, chunks))
+        state.update(vectors(job, chunks))
 
     return Reduce(init, update, finish, merge=lambda into, other: into.merge(other))
 

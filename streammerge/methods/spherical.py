@@ -137,7 +137,7 @@ def _column_dots_finish(state: tuple, job: TensorJob, stats: Sequence[Any]) -> t
 def _nuslerp_reduces(job: TensorJob) -> tuple[Reduce, ...]:
     mode = _nuslerp_mode(job)
     if mode == "flat":
-        return (gram_reduce(lambda j, c: _vectors(j, c)[1], lambda j: all_pairs(2), _nuslerp_finish, from_base=True),)
+        return (gram_reduce(lambda j, c: _vectors(j, c)[1], lambda j: all_pairs(2), _nuslerp_finish),)
     if mode == "column":
         return chained((_column_norms_init, _column_norms_update, _column_norms_finish, None),
                        (_column_dots_init, _column_dots_update, _column_dots_finish, None))
@@ -255,7 +255,7 @@ def _multislerp_reduces(job: TensorJob) -> tuple[Reduce, ...]:
     k = len(job.model_params) - (job.base is not None)
     if k == 1 or len(job.shape) < 2:
         return ()
-    return (gram_reduce(lambda j, c: _vectors(j, c)[1], lambda j: all_pairs(k), _multislerp_finish, from_base=True),)
+    return (gram_reduce(lambda j, c: _vectors(j, c)[1], lambda j: all_pairs(k), _multislerp_finish),)
 
 
 def _multislerp_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:

@@ -74,8 +74,7 @@ def _stock_reduces(job: TensorJob) -> tuple[Reduce, ...]:
     k = len(job.model_params) - 1
     squares = [(i, i) for i in range(k)]
     dots = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    return (gram_reduce(_stock_vectors, lambda j: squares + dots, _stock_finish, rounded=lambda j: dots,
-                        from_base=True),)
+    return (gram_reduce(_stock_vectors, lambda j: squares + dots, _stock_finish, rounded=lambda j: dots),)
 
 
 def _stock_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
