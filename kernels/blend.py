@@ -1,23 +1,21 @@
-"""Elementwise blends of model_stock and nearswap: the eager torch expressions (mergekit 0.1.5's order
-of operations, the reference) and, for bf16 on CPU, fused loops with the same bits."""
+"""Elementwise maps of model_stock, nearswap, nuslerp, multislerp, ram and ramplus_tl in fused bf16 loops
+on CPU, with the bits of the eager torch expressions (mergekit 0.1.5's order of operations). model_stock's
+and nearswap's eager expressions live here; the others stay in their method modules and these functions
+return None where there is no fused path."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
 from . import dispatch
+from .vote import _bits
 
 __all__ = ["NEARSWAP_FLOOR", "multislerp_fused", "nearswap_mix", "ram_counts_fused", "ram_fused", "slerp_fused", "stock_mix"]
 
 NEARSWAP_FLOOR = 1e-6
-
-
-def _bits(t: torch.Tensor):
-    import numpy as np
-
-    return t.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1)
 
 
 def _stacked(xs: Sequence[torch.Tensor]):
@@ -54,14 +52,12 @@ def nearswap_mix(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
         from ._numba import blend as kernel
 
         out = torch.empty(a.shape, dtype=a.dtype)
-        floor = np.float32(torch.tensor(NEARSWAP_FLOOR, dtype=a.dtype).float().item())   # clamp rounds its bound
-        kernel.nearswap_bf16(_bits(out), _bits(a), _bits(b), np.float32(t), floor)
+        kernel.nearswap_bf16(_bits(out), _bits(a), _bits(b), np.float32(t), _bf16_bound(NEARSWAP_FLOOR))
         dispatch.ran("blend", "numba", a.device)
         return out
     dispatch.ran("blend", "torch", a.device)
     weight = (t / (a - b).abs().clamp(min=NEARSWAP_FLOOR)).clamp(min=0, max=1)
     return weight * b + (1 - weight) * a
-
 
 
 def multislerp_fused(xs: Sequence[torch.Tensor], base: torch.Tensor | None,
@@ -122,7 +118,7 @@ def ram_fused(base: torch.Tensor, xs: Sequence[torch.Tensor], eps: float,
     out = torch.empty(base.shape, dtype=torch.float32 if plus else torch.bfloat16)
     empty16, empty32 = np.empty(0, np.uint16), np.empty(0, np.float32)
     kernel.ram_bf16(empty16 if plus else _bits(out), out.reshape(-1).numpy() if plus else empty32, _bits(base),
-                    _stacked(xs), _ram_eps(eps), lam.reshape(-1).numpy() if plus else empty32, plus)
+                    _stacked(xs), _bf16_bound(eps), lam.reshape(-1).numpy() if plus else empty32, plus)
     dispatch.ran("blend", "numba", base.device)
     return out
 
@@ -136,14 +132,15 @@ def ram_counts_fused(base: torch.Tensor, xs: Sequence[torch.Tensor], eps: float)
     from ._numba import blend as kernel
 
     shared, unique = np.zeros(len(xs), np.int64), np.zeros(len(xs), np.int64)
-    kernel.ram_counts_bf16(_bits(base), _stacked(xs), _ram_eps(eps), shared, unique)
+    kernel.ram_counts_bf16(_bits(base), _stacked(xs), _bf16_bound(eps), shared, unique)
     dispatch.ran("blend", "numba", base.device)
     return shared.tolist(), unique.tolist()
 
 
-def _ram_eps(eps: float):
-    """The bound ``|δ| > eps`` compares against: the eager comparison of a bf16 tensor with a Python float
-    rounds the float to bf16 first (measured: comparing with the float32 value differs)."""
+@functools.lru_cache(maxsize=64)
+def _bf16_bound(value: float):
+    """A Python float as the bound of an eager op on a bf16 tensor sees it: `clamp(min=...)` and `>` round
+    the float to bf16 first (measured: using the float32 value changes results). Cached: called per block."""
     import numpy as np
 
-    return np.float32(torch.tensor(eps, dtype=torch.bfloat16).float().item())
+    return np.float32(torch.tensor(value, dtype=torch.bfloat16).float().item())

@@ -145,28 +145,22 @@ def merge_deltas(
     from ._numba import taskvec as kernel
 
     k = deltas.shape[0]
-    out = torch.empty(base.shape, dtype=base.dtype)
-    keep = torch.empty((0, 0), dtype=torch.bool) if mask is None else mask.contiguous().reshape(k, -1)
-    kernel.mix_bf16(_bits(out), _bits(base), _bits(deltas).reshape(k, -1), keep.numpy(),
-                    *_fused_scalars(weights, scale, k, consensus, normalize, lam))
-    dispatch.ran("taskvec", impl, base.device)
-    return out
-
-
-def _fused_scalars(weights, scale, k: int, consensus: Consensus | None, normalize: bool, lam: float) -> tuple:
-    """The fused kernels' per-model and scalar arguments, rounded as the eager chain rounds them."""
-    from ._numba import taskvec as kernel
-
-    like = torch.empty(k, 1, dtype=torch.bfloat16)
-    w = _per_model(weights, like, like.dtype).reshape(k)
-    s = None if scale is None else _per_model(scale, like, like.dtype).reshape(k)
+    w = _per_model(weights, deltas[:, :1], deltas.dtype).reshape(k)
+    s = None if scale is None else _per_model(scale, deltas[:, :1], deltas.dtype).reshape(k)
     divisor = sum_models(w.unsqueeze(1))
     divisor = torch.where(divisor.abs() < _NO_CONSENSUS_EPS, torch.ones((), dtype=w.dtype), divisor)
     codes = {None: kernel.NO_CONSENSUS, "sum": kernel.SUM, "count": kernel.COUNT}
     if consensus not in codes:
         raise ValueError(f"consensus must be None, 'sum' or 'count', got {consensus!r}")
-    return ((torch.empty(0) if s is None else s.float()).numpy(), w.float().numpy(), codes[consensus],
-            bool(normalize), np.float32(lam), np.float32(divisor.float().item()))
+    out = torch.empty(base.shape, dtype=base.dtype)
+    keep = torch.empty((0, 0), dtype=torch.bool) if mask is None else mask.contiguous().reshape(k, -1)
+    kernel.mix_bf16(
+        _bits(out), _bits(base), _bits(deltas).reshape(k, -1), keep.numpy(),
+        (torch.empty(0) if s is None else s.float()).numpy(), w.float().numpy(),
+        codes[consensus], bool(normalize), np.float32(lam), np.float32(divisor.float().item()),
+    )
+    dispatch.ran("taskvec", impl, base.device)
+    return out
 
 
 def _bits(t: torch.Tensor):

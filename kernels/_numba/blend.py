@@ -1,9 +1,10 @@
-"""Fused bf16 maps of model_stock (one ratio per tensor) and nearswap, bit-identical to their eager
-torch chains (each elementwise op computed in float32 and rounded to bf16, as torch rounds it).
+"""Fused bf16 maps of model_stock (one ratio per tensor), nearswap, nuslerp (one angle per tensor),
+multislerp, ram and ramplus_tl, bit-identical to their eager torch chains (each elementwise op computed in
+float32 and rounded to bf16, as torch rounds it; fp32 where mergekit promotes).
 
 The eager chains make 5-7 passes over bf16 temporaries; these read each input once and write once.
 Loops over several models run in tiles, models outer and elements inner, so the element loops vectorize.
-``tests/kernel_tests/test_numba.py`` pins both to the torch expressions in ``methods/stock.py``.
+``tests/kernel_tests/test_numba.py`` pins each to its torch expression, bit for bit.
 """
 
 from __future__ import annotations

@@ -435,30 +435,27 @@ def _make(name: str, sparsify: str | None, consensus: bool, normalize: bool, res
         return ()
 
     def map_fn(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
-        base = chunks[job.base]
-        others = [i for i in range(len(chunks)) if i != job.base]
+        base, others, d = _deltas(job, chunks)
         if not others:
             return base
-        scale = None
-        if magnitude and stats and job.params["rescale"]:
-            scale = stats[-1]["scale"]
-        elif sparsify in ("random", "della") and job.params["rescale"]:
-            if job.params["rescale_mode"] == "l1":
-                scale = stats[-1]["scale"]
-            else:
-                scale = [1.0 / float(_mp(job, i, "density")) for i in others]
-        if scale is not None:
-            scale = torch.tensor(scale, dtype=torch.float64).to(_work_dtype(base.dtype)).to(base.dtype)
-        weights = [float(_mp(job, i, "weight")) for i in others]
-        mix = dict(scale=scale, consensus=job.params.get("consensus", "sum") if consensus else None,
-                   normalize=bool(job.params["normalize"]), lam=float(job.params["lambda"]))
-        _, _, d = _deltas(job, chunks)
-        mask = None
+        mask, scale = None, None
         if magnitude and stats:
             mask = _magnitude_masks(job, d, stats[-1], row0, sparsify)
+            scale = stats[-1]["scale"] if job.params["rescale"] else None
         elif sparsify in ("random", "della"):
             mask = _bernoulli_masks(job, d, row0, sparsify)
-        return merge_deltas(base, d, weights, mask, **mix, experts=[chunks[i] for i in others])
+            if job.params["rescale"]:
+                if job.params["rescale_mode"] == "l1":
+                    scale = stats[-1]["scale"]
+                else:
+                    scale = [1.0 / float(_mp(job, i, "density")) for i in others]
+        if scale is not None:
+            scale = torch.tensor(scale, dtype=torch.float64).to(_work_dtype(d.dtype)).to(d.dtype)
+        weights = [float(_mp(job, i, "weight")) for i in others]
+        method = job.params.get("consensus", "sum") if consensus else None
+        return merge_deltas(base, d, weights, mask, scale=scale, consensus=method,
+                            normalize=bool(job.params["normalize"]), lam=float(job.params["lambda"]),
+                            experts=[chunks[i] for i in others])
 
     def validate(job: TensorJob) -> str | None:
         if sparsify == "della":
