@@ -7,6 +7,7 @@ offset is fixed before any data exists and chunks can land in any order. The fil
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -20,6 +21,11 @@ torch = lazy_module("torch")  # only writing tensor data needs it
 
 ALIGN = 8
 WRITEBACK_BYTES = 8 << 20
+# Durable shards drop their written pages from the page cache once they are on disk, this many bytes
+# behind the newest write: the output then never fills memory, and the kernel reuses the same warm
+# pages for the next writes (fresh page-cache pages cost a fault each; on a VM that returns free
+# memory to its host, writing 2.2 GB took 3.4 s instead of 0.9 s measured the same way).
+DROP_BEHIND_BYTES = 64 << 20
 
 
 def _sync_file_range():
@@ -38,7 +44,8 @@ def _sync_file_range():
 
 
 _SYNC_FILE_RANGE = _sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_BEFORE, _SYNC_FILE_RANGE_WRITE, _SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
+_DROP = _SYNC_FILE_RANGE is not None and hasattr(os, "posix_fadvise")
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,8 @@ class ShardWriter:
         self.fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self.fd, self.size)
         self._unsynced = 0
+        self._behind: collections.deque[tuple[int, int]] = collections.deque()   # written, not yet dropped
+        self._behind_bytes = 0
         self._pwrite(self.header, 0)
 
     def _pwrite(self, data, offset: int) -> None:
@@ -109,11 +118,28 @@ class ShardWriter:
         buf = chunk.view(torch.uint8).reshape(-1).numpy() if chunk.dtype != torch.uint8 else chunk.reshape(-1).numpy()
         offset = self.offsets[name] + byte_offset
         self._pwrite(buf, offset)
-        self._unsynced += buf.nbytes
-        if self.durable and _SYNC_FILE_RANGE is not None and self._unsynced >= WRITEBACK_BYTES:
+        if self.durable and _SYNC_FILE_RANGE is not None:
+            self._writeback(offset, buf.nbytes)
+        return buf.nbytes
+
+    def _writeback(self, offset: int, nbytes: int) -> None:
+        """Start writeback every WRITEBACK_BYTES, so the disk works while we compute and the fsync at
+        commit only waits for the tail; drop ranges DROP_BEHIND_BYTES old once they are on disk.
+        Only clean pages are dropped, so a page shared with a later write is at worst read back."""
+        self._unsynced += nbytes
+        if self._unsynced >= WRITEBACK_BYTES:
             _SYNC_FILE_RANGE(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
             self._unsynced = 0
-        return buf.nbytes
+        if not _DROP:
+            return
+        self._behind.append((offset, nbytes))
+        self._behind_bytes += nbytes
+        while self._behind_bytes > DROP_BEHIND_BYTES:
+            off, n = self._behind.popleft()
+            self._behind_bytes -= n
+            _SYNC_FILE_RANGE(self.fd, off, n, _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE
+                             | _SYNC_FILE_RANGE_WAIT_AFTER)
+            os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
 
     def commit(self) -> None:
         """Rename into place; fsync first when durable. Without fsync the rename is still atomic for a
