@@ -15,7 +15,8 @@ from numba.extending import intrinsic
 _SIXTEEN = np.uint32(16)
 _ONE = np.uint32(1)
 _BIAS = np.uint32(0x7FFF)
-_NAN = np.uint16(0x7FC0)
+_NAN32 = np.uint32(0x7FC0)
+_ALL = np.uint32(0xFFFFFFFF)
 
 
 @intrinsic
@@ -42,11 +43,13 @@ def bf2f(h):
 
 @nb.njit(inline="always", nogil=True, cache=True)
 def f2bf(x):
-    """float32 -> bf16 bits, round to nearest even (NaN -> the canonical quiet NaN)."""
-    if x != x:
-        return _NAN
+    """float32 -> bf16 bits, round to nearest even (NaN -> the canonical quiet NaN).
+
+    Branch-free (the NaN case is a bit mask): a branch here kept the loops that call it scalar."""
     u = _as_u32(np.float32(x))
-    return np.uint16((u + _BIAS + ((u >> _SIXTEEN) & _ONE)) >> _SIXTEEN)
+    r = (u + _BIAS + ((u >> _SIXTEEN) & _ONE)) >> _SIXTEEN
+    nan = np.uint32(0) - np.uint32(x != x)
+    return np.uint16((r & (nan ^ _ALL)) | (_NAN32 & nan))
 
 
 @nb.njit(inline="always", nogil=True, cache=True)

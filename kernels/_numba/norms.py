@@ -9,6 +9,18 @@ from ._bits import bf2f, f2bf
 from .philox import _fill
 
 _ABS = np.uint16(0x7FFF)
+# Element c of a row adds into lane c % _LANES; the lanes are then added in order. An array of lanes
+# vectorizes (~0.13 ns an element where four scalar accumulators took ~0.55), and the order is still
+# fixed by position in the row, so banding never changes a sum.
+_LANES = 64
+
+
+@nb.njit(inline="always", nogil=True, cache=True)
+def _fold(acc):
+    t = 0.0
+    for lane in range(_LANES):
+        t += acc[lane]
+    return t
 
 
 @nb.njit(inline="always", nogil=True, cache=True)
@@ -17,41 +29,45 @@ def _mag(bits):
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
-def _sum(row):
-    t0 = t1 = t2 = t3 = 0.0
-    whole = row.size - row.size % 4
-    for c in range(0, whole, 4):
-        t0 += _mag(row[c])
-        t1 += _mag(row[c + 1])
-        t2 += _mag(row[c + 2])
-        t3 += _mag(row[c + 3])
-    for c in range(whole, row.size):
-        t0 += _mag(row[c])
-    return ((t0 + t1) + t2) + t3
-
-
-@nb.njit(nogil=True, cache=True, error_model="numpy")
-def _masked_sum(row, keep, scratch):
-    """Σ |row| where ``keep``: the bits of dropped elements are zeroed first (a random mask defeats branches)."""
-    for c in range(row.size):
-        scratch[c] = row[c] & (np.uint16(0) - np.uint16(keep[c]))
-    return _sum(scratch[: row.size])
+def _row_sums(row, keep, has_keep, acc, acc_kept):
+    """(Σ |row|, Σ |row| where ``keep``) of one row of bf16 bits, in lanes."""
+    n = row.size
+    whole = n - n % _LANES
+    acc[:] = 0.0
+    acc_kept[:] = 0.0
+    for c0 in range(0, whole, _LANES):
+        r = row[c0:c0 + _LANES]
+        if has_keep:
+            k = keep[c0:c0 + _LANES]
+            for lane in range(_LANES):
+                acc[lane] += _mag(r[lane])
+                acc_kept[lane] += _mag(r[lane] & (np.uint16(0) - np.uint16(k[lane])))
+        else:
+            for lane in range(_LANES):
+                acc[lane] += _mag(r[lane])
+    for c in range(whole, n):
+        acc[c - whole] += _mag(row[c])
+        if has_keep:
+            acc_kept[c - whole] += _mag(row[c] & (np.uint16(0) - np.uint16(keep[c])))
+    return _fold(acc), _fold(acc_kept)
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
 def row_l1_bf16(d, mask, l1, kept):
     """``l1[k, r] = Σ_c |d[k, r, c]|``, ``kept[k, r]`` the same over ``mask`` (or all when it is empty).
 
-    Each row is summed in four interleaved float64 lanes (independent adds instead of one latency
-    chain), then the lanes in order: a fixed order per row, so banding never changes a sum.
+    float64 sums in a fixed order per row (see ``_LANES``), so banding never changes a sum.
     """
     k_models, rows, n = d.shape
     has_mask = mask.shape[0] > 0
-    scratch = np.empty(n, np.uint16)
+    acc = np.empty(_LANES)
+    acc_kept = np.empty(_LANES)
     for k in range(k_models):
         for r in range(rows):
-            l1[k, r] = _sum(d[k, r])
-            kept[k, r] = _masked_sum(d[k, r], mask[k, r], scratch) if has_mask else l1[k, r]
+            keep = mask[k, r] if has_mask else mask.reshape(-1)[:0]
+            l1[k, r], kept[k, r] = _row_sums(d[k, r], keep, has_mask, acc, acc_kept)
+            if not has_mask:
+                kept[k, r] = l1[k, r]
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
@@ -61,13 +77,15 @@ def dare_row_l1_bf16(e, b, seed, stream, start, limit, apply, l1, kept):
     rows, n = e.shape
     d = np.empty(n, np.uint16)
     keep = np.empty(n, np.bool_)
-    scratch = np.empty(n, np.uint16)
+    acc = np.empty(_LANES)
+    acc_kept = np.empty(_LANES)
     for r in range(rows):
+        er = e[r]
+        br = b[r]
         for c in range(n):
-            d[c] = f2bf(bf2f(e[r, c]) - bf2f(b[r, c]))
-        l1[r] = _sum(d)
+            d[c] = f2bf(bf2f(er[c]) - bf2f(br[c]))
         if apply:
             _fill(keep, seed, stream, start + np.uint64(r * n), 2, limit)
-            kept[r] = _masked_sum(d, keep, scratch)
-        else:
+        l1[r], kept[r] = _row_sums(d, keep, apply, acc, acc_kept)
+        if not apply:
             kept[r] = l1[r]

@@ -72,15 +72,21 @@ def _fill(out, seed, stream, start, kind, limit):
     whole = (n - i) // 4
     # Rounds for a batch of blocks into lane arrays first: a loop with no stores but to them
     # vectorizes (4 blocks per AVX2 op, ~3x a block at a time).
-    w = np.empty((4, _BATCH), np.uint64)
+    # (One 1-D array per word: indexing a 2-D array in these loops kept them scalar.)
+    w0 = np.empty(_BATCH, np.uint64)
+    w1 = np.empty(_BATCH, np.uint64)
+    w2 = np.empty(_BATCH, np.uint64)
+    w3 = np.empty(_BATCH, np.uint64)
     for lo in range(0, whole, _BATCH):
         m = min(_BATCH, whole - lo)
         for b in range(m):
-            w[0, b], w[1, b], w[2, b], w[3, b] = block(q0 + np.uint64(lo + b), s0, s1, k0, k1)
+            w0[b], w1[b], w2[b], w3[b] = block(q0 + np.uint64(lo + b), s0, s1, k0, k1)
+        o = out[i + 4 * lo:i + 4 * (lo + m)]
         for b in range(m):
-            o = i + 4 * (lo + b)
-            for j in range(4):
-                _put(out, o + j, w[j, b], kind, limit)
+            _put(o, 4 * b, w0[b], kind, limit)
+            _put(o, 4 * b + 1, w1[b], kind, limit)
+            _put(o, 4 * b + 2, w2[b], kind, limit)
+            _put(o, 4 * b + 3, w3[b], kind, limit)
     i += 4 * whole
     if i < n:
         w0, w1, w2, w3 = block(q0 + np.uint64(whole), s0, s1, k0, k1)

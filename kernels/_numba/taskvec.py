@@ -49,24 +49,33 @@ def mix_bf16(out, base, d, mask, scale, w, consensus, normalize, lam, divisor_co
         for k in range(k_models):
             wk = w[k]
             sk = scale[k] if has_scale else one
+            dk = d[k, t0:t0 + m]
+            mk = mask[k, t0:t0 + m] if has_mask else mask[0, 0:0]
+            wdk = wd[k]
             for j in range(m):
-                x = bf2f(d[k, t0 + j])
+                x = bf2f(dk[j])
                 if has_mask:
-                    x = x * np.float32(mask[k, t0 + j])
+                    x = x * np.float32(mk[j])
                 if has_scale:
                     x = rnd(x * sk)
-                wd[k, j] = rnd(x * wk)
+                wdk[j] = rnd(x * wk)
         acc[:m] = zero
         if consensus == NO_CONSENSUS:
             for k in range(k_models):
+                wdk = wd[k]
                 for j in range(m):
-                    acc[j] += wd[k, j]
+                    acc[j] += wdk[j]
             for j in range(m):
                 wacc[j] = divisor_const
         else:
             for k in range(k_models):
-                for j in range(m):
-                    acc[j] += wd[k, j] if consensus == SUM else _sign(wd[k, j])
+                wdk = wd[k]
+                if consensus == SUM:
+                    for j in range(m):
+                        acc[j] += wdk[j]
+                else:
+                    for j in range(m):
+                        acc[j] += _sign(wdk[j])
             for j in range(m):
                 up = np.float32(rnd(acc[j]) >= zero)
                 majority[j] = up + up - one
@@ -74,17 +83,20 @@ def mix_bf16(out, base, d, mask, scale, w, consensus, normalize, lam, divisor_co
             wacc[:m] = zero
             for k in range(k_models):
                 wk = w[k]
+                wdk = wd[k]
                 for j in range(m):
-                    agree = np.float32(_sign(wd[k, j]) == majority[j])
-                    acc[j] += wd[k, j] * agree
+                    agree = np.float32(_sign(wdk[j]) == majority[j])
+                    acc[j] += wdk[j] * agree
                     wacc[j] += wk * agree
             for j in range(m):
                 v = rnd(wacc[j])
                 wacc[j] = one if v == zero else v
+        ob = out[t0:t0 + m]
+        bb = base[t0:t0 + m]
         for j in range(m):
             mixed = rnd(acc[j])
             if normalize:
                 mixed = rnd(mixed / wacc[j])
             if lam != one:
                 mixed = rnd(mixed * lam)
-            out[t0 + j] = f2bf(bf2f(base[t0 + j]) + mixed)
+            ob[j] = f2bf(bf2f(bb[j]) + mixed)
