@@ -3,7 +3,8 @@ multislerp, ram and ramplus_tl, bit-identical to their eager torch chains (each 
 float32 and rounded to bf16, as torch rounds it; fp32 where mergekit promotes).
 
 The eager chains make 5-7 passes over bf16 temporaries; these read each input once and write once.
-Loops over several models run in tiles, models outer and elements inner, so the element loops vectorize.
+Loops over several models run in tiles, models outer and elements inner, on 1-D views of each model's
+row (indexing the 2-D arrays inside the element loops kept them scalar), so the element loops vectorize.
 ``tests/kernel_tests/test_numba.py`` pins each to its torch expression, bit for bit.
 """
 
@@ -25,14 +26,18 @@ def stock_bf16(out, w0, ws, t, one_minus_t, count):
     acc = np.empty(_TILE, np.float32)
     for t0 in range(0, n, _TILE):
         m = min(_TILE, n - t0)
+        first = ws[0, t0:t0 + m]
         for j in range(m):
-            acc[j] = rnd(zero + bf2f(ws[0, t0 + j]))
+            acc[j] = rnd(zero + bf2f(first[j]))
         for k in range(1, ws.shape[0]):
+            wk = ws[k, t0:t0 + m]
             for j in range(m):
-                acc[j] = rnd(acc[j] + bf2f(ws[k, t0 + j]))
+                acc[j] = rnd(acc[j] + bf2f(wk[j]))
+        ob = out[t0:t0 + m]
+        bb = w0[t0:t0 + m]
         for j in range(m):
             avg = rnd(acc[j] / count)
-            out[t0 + j] = f2bf(rnd(t * avg) + rnd(one_minus_t * bf2f(w0[t0 + j])))
+            ob[j] = f2bf(rnd(t * avg) + rnd(one_minus_t * bf2f(bb[j])))
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
@@ -64,28 +69,34 @@ def multislerp_bf16(out, xs, base, has_base, denom, w, dots, mean_norm, cos_s, s
     for t0 in range(0, n, _TILE):
         m = min(_TILE, n - t0)
         if has_base:
+            bb = base[t0:t0 + m]
             for j in range(m):
-                b[j] = bf2f(base[t0 + j])
+                b[j] = bf2f(bb[j])
             for k in range(k_models):
+                xk, uk, dk = xs[k, t0:t0 + m], u[k], denom[k]
                 for j in range(m):
-                    u[k, j] = rnd(rnd(bf2f(xs[k, t0 + j]) - b[j]) / denom[k])
+                    uk[j] = rnd(rnd(bf2f(xk[j]) - b[j]) / dk)
         else:
             for k in range(k_models):
+                xk, uk, dk = xs[k, t0:t0 + m], u[k], denom[k]
                 for j in range(m):
-                    u[k, j] = rnd(bf2f(xs[k, t0 + j]) / denom[k])
+                    uk[j] = rnd(bf2f(xk[j]) / dk)
         acc[:m] = zero
         for k in range(k_models):
+            uk, wk = u[k], w[k]
             for j in range(m):
-                acc[j] += rnd(u[k, j] * w[k])
+                acc[j] += rnd(uk[j] * wk)
         for j in range(m):
             mm[j] = rnd(rnd(acc[j]) / mean_norm)
         acc[:m] = zero
         for k in range(k_models):
+            uk, wk, dk = u[k], w[k], dots[k]
             for j in range(m):
-                acc[j] += rnd(rnd(u[k, j] - rnd(dots[k] * mm[j])) * w[k])
+                acc[j] += rnd(rnd(uk[j] - rnd(dk * mm[j])) * wk)
+        ob = out[t0:t0 + m]
         for j in range(m):
             r = rnd(rnd(rnd(mm[j] * cos_s) + rnd(rnd(acc[j]) * sinc_s)) * avg_norm)
-            out[t0 + j] = f2bf(r + b[j]) if has_base else f2bf(r)
+            ob[j] = f2bf(r + b[j]) if has_base else f2bf(r)
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
@@ -103,15 +114,18 @@ def slerp_bf16(out, x0, x1, base, has_base, s0, s1, sin_theta):
 @nb.njit(inline="always", nogil=True, cache=True)
 def _ram_tile(xs, base, t0, m, eps, tv, nz, cnt):
     """Task vectors of one tile, which exceed ``eps``, and how many models exceed it per element."""
+    bb = base[t0:t0 + m]
     for k in range(xs.shape[0]):
+        xk, tk, nk = xs[k, t0:t0 + m], tv[k], nz[k]
         for j in range(m):
-            t = rnd(bf2f(xs[k, t0 + j]) - bf2f(base[t0 + j]))
-            tv[k, j] = t
-            nz[k, j] = np.float32(abs(t) > eps)
+            t = rnd(bf2f(xk[j]) - bf2f(bb[j]))
+            tk[j] = t
+            nk[j] = np.float32(abs(t) > eps)
     cnt[:m] = np.float32(0.0)
     for k in range(xs.shape[0]):
+        nk = nz[k]
         for j in range(m):
-            cnt[j] += nz[k, j]
+            cnt[j] += nk[j]
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
@@ -132,20 +146,24 @@ def ram_bf16(out16, out32, base, xs, eps, lam, plus):
         acc[:m] = zero
         for k in range(k_models):
             lk = lam[k] if plus else one
+            tk, nk = tv[k], nz[k]
             for j in range(m):
-                tz = tv[k, j] * nz[k, j]
+                tz = tk[j] * nk[j]
                 alone = tz * np.float32(cnt[j] == one)
                 shared = rnd(tz * np.float32(cnt[j] > one) / max(cnt[j], one))
                 if plus:
                     acc[j] += alone * lk + shared
                 else:
                     acc[j] += rnd(alone + shared)
-        for j in range(m):
-            b = bf2f(base[t0 + j])
-            if plus:
-                out32[t0 + j] = b + acc[j]
-            else:
-                out16[t0 + j] = f2bf(b + rnd(acc[j]))
+        bb = base[t0:t0 + m]
+        if plus:
+            o32 = out32[t0:t0 + m]
+            for j in range(m):
+                o32[j] = bf2f(bb[j]) + acc[j]
+        else:
+            o16 = out16[t0:t0 + m]
+            for j in range(m):
+                o16[j] = f2bf(bf2f(bb[j]) + rnd(acc[j]))
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
@@ -163,8 +181,9 @@ def ram_counts_bf16(base, xs, eps, shared, unique):
         for k in range(k_models):
             s = 0
             u = 0
+            nk = nz[k]
             for j in range(m):
-                s += np.int64(nz[k, j] * np.float32(cnt[j] > one))
-                u += np.int64(nz[k, j] * np.float32(cnt[j] == one))
+                s += np.int64(nk[j] * np.float32(cnt[j] > one))
+                u += np.int64(nk[j] * np.float32(cnt[j] == one))
             shared[k] += s
             unique[k] += u

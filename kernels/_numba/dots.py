@@ -39,26 +39,34 @@ def _prod(x, y, rounded, shift):
     return np.float64(x) * np.float64(y)
 
 
+# Element c of a segment adds into lane (c - segment start) % _LANES, then the lanes in order: an array
+# of lanes vectorizes where four scalar accumulators stayed scalar, and the order is fixed by position.
+_LANES = 64
+
+
 @nb.njit(nogil=True, cache=True, error_model="numpy")
 def segment_dots(a, b, rounded, shift, seg, out):
-    """``out[r * nseg + s]`` = Σ a·b over segment ``s`` (``seg`` elements by position) of row ``r``.
-
-    Four interleaved float64 lanes per segment, then the lanes in order: a fixed order, so a segment's
-    sum depends only on its elements, never on the band.
-    """
+    """``out[r * nseg + s]`` = Σ a·b over segment ``s`` (``seg`` elements by position) of row ``r``:
+    a fixed order per segment, so a segment's sum depends only on its elements, never on the band."""
     rows, m = a.shape
     nseg = (m + seg - 1) // seg
+    acc = np.empty(_LANES)
     for r in range(rows):
+        ar = a[r]
+        br = b[r]
         for s in range(nseg):
             lo = s * seg
             hi = min(m, lo + seg)
-            t0 = t1 = t2 = t3 = 0.0
-            whole = lo + (hi - lo) - (hi - lo) % 4
-            for c in range(lo, whole, 4):
-                t0 += _prod(_dec(a[r, c], shift), _dec(b[r, c], shift), rounded, shift)
-                t1 += _prod(_dec(a[r, c + 1], shift), _dec(b[r, c + 1], shift), rounded, shift)
-                t2 += _prod(_dec(a[r, c + 2], shift), _dec(b[r, c + 2], shift), rounded, shift)
-                t3 += _prod(_dec(a[r, c + 3], shift), _dec(b[r, c + 3], shift), rounded, shift)
+            acc[:] = 0.0
+            whole = lo + (hi - lo) - (hi - lo) % _LANES
+            for c0 in range(lo, whole, _LANES):
+                x = ar[c0:c0 + _LANES]
+                y = br[c0:c0 + _LANES]
+                for lane in range(_LANES):
+                    acc[lane] += _prod(_dec(x[lane], shift), _dec(y[lane], shift), rounded, shift)
             for c in range(whole, hi):
-                t0 += _prod(_dec(a[r, c], shift), _dec(b[r, c], shift), rounded, shift)
-            out[r * nseg + s] = ((t0 + t1) + t2) + t3
+                acc[c - whole] += _prod(_dec(ar[c], shift), _dec(br[c], shift), rounded, shift)
+            t = 0.0
+            for lane in range(_LANES):
+                t += acc[lane]
+            out[r * nseg + s] = t
