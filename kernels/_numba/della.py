@@ -34,8 +34,9 @@ def keep_rows_bf16(out, d, lo, span, seed, stream, start):
     for r in range(rows):
         low[:] = 0
         high[:] = 0
+        dr = d[r]
         for c in range(n):
-            k = d[r, c] & _KEY
+            k = dr[c] & _KEY
             k = _NAN_KEY if k > np.uint16(0x7F80) else k
             key[c] = k
             low[(k & 0xFF) + 1] += 1

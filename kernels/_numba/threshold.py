@@ -27,8 +27,9 @@ def equal_per_row16(out, bits, th):
         target = th[t]
         for r in range(rows):
             c = 0
+            row = bits[r]
             for j in range(n):
-                c += (bits[r, j] & _KEY) == target
+                c += (row[j] & _KEY) == target
             out[t, r] = c
 
 
