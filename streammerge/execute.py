@@ -359,13 +359,12 @@ class Executor:
         return [(a, min(band.r1 - band.r0, a + step)) for a in range(0, band.r1 - band.r0, step)]
 
     def _parallel(self, fn, parts: list) -> list:
+        """``fn(*part)`` for every part, in order. One task per block, so a worker that the reader or the
+        writer slowed down takes fewer blocks (a fixed split left the other worker idle at every band's end)."""
         if self.workers is None or len(parts) < 2:
             return [fn(*p) for p in parts]
-        k = self.workers._max_workers
-        step = -(-len(parts) // k)
-        futures = [self.workers.submit(lambda grp: [fn(*p) for p in grp], parts[i:i + step])
-                   for i in range(0, len(parts), step)]
-        return [r for f in futures for r in f.result()]
+        futures = [self.workers.submit(fn, *p) for p in parts]
+        return [f.result() for f in futures]
 
     def _run_band(self, t: TensorPlan, job: TensorJob, reduces: tuple, band: Band, states: dict, stats: list) -> None:
         cpu = self.device.type == "cpu"
@@ -416,8 +415,12 @@ class Executor:
                                        f"rows {band.r0 + a}:{band.r0 + b} of {t.name!r}, expected {expect}")
             return res
 
-        def work(a: int, b: int) -> None:
-            (out[a:b] if len(t.shape) >= 2 else out).copy_(result(a, b))
+        def work(a: int, b: int) -> bool:
+            """Write the block into the output slot; whether it is all finite, checked here on the worker
+            (on the main thread it held up the next band)."""
+            block = out[a:b] if len(t.shape) >= 2 else out
+            block.copy_(result(a, b))
+            return not self.check_nonfinite or _all_finite(block)
 
         try:
             if self.stage is not None:  # one block: the whole band, copied back on the download stream
@@ -425,16 +428,17 @@ class Executor:
                 offset = band.r0 * t.row_elems * DTYPES[t.out_dtype][1]
                 self._put(self.writes, (t.shard, t.name, offset, out, out_slot, fence))
                 return
-            self._parallel(work, blocks)
+            finite = all(self._parallel(work, blocks))
         except BaseException:
             self.out_pool.free.put(out_slot)
             raise
-        self._emit(t, band, out, out_slot)
+        self._emit(t, band, out, out_slot, finite)
 
-    def _emit(self, t: TensorPlan, band: Band, out: torch.Tensor, out_slot: int | None = None) -> None:
+    def _emit(self, t: TensorPlan, band: Band, out: torch.Tensor, out_slot: int | None, finite: bool) -> None:
+        """Queue a finished band for the writer; ``finite``: the workers' verdict on its values."""
         dtype = DTYPES[t.out_dtype][0]
         out = out.to(dtype)
-        if self.check_nonfinite and t.name not in self.nonfinite and not _all_finite(out):
+        if not finite and t.name not in self.nonfinite:
             self.nonfinite.append(t.name)
         if out.device.type != "cpu":
             out = out.cpu()
