@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -32,6 +33,7 @@ __all__ = [
     "PHILOX_M1",
     "PHILOX_W0",
     "PHILOX_W1",
+    "KeepDraw",
     "bernoulli_keep",
     "philox4x32_10",
     "philox_uniform",
@@ -265,6 +267,34 @@ def _words_py(seed: int, stream: int, start: int, count: int) -> list[int]:
         words += (c0, c1, c2, c3)
     skip = start & 3
     return words[skip : skip + count]
+
+
+@dataclass(frozen=True)
+class KeepDraw:
+    """DARE's keep masks for a chunk of K models, described instead of drawn: row k keeps element i
+    where ``bernoulli_keep(seed, streams[k], start + i, 1, ps[k])`` would, all of it where ``ps[k]`` is None.
+    A fused kernel draws each tile where it is used; ``tensor`` draws the whole mask for the other paths."""
+
+    seed: int
+    streams: tuple[int, ...]
+    ps: tuple[float | None, ...]
+    start: int
+
+    def tensor(self, shape: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
+        """The ``[K, ...]`` bool mask of ``shape``."""
+        count = 1
+        for s in shape[1:]:
+            count *= s
+        mask = torch.ones((len(self.ps), count), dtype=torch.bool, device=device)
+        for k, (stream, p) in enumerate(zip(self.streams, self.ps)):
+            if p is not None:
+                mask[k] = bernoulli_keep(self.seed, stream, self.start, count, p, device=device)
+        return mask.reshape(shape)
+
+    def limits(self) -> list[int]:
+        """Per model, the word bound of its keep (``keep_limit``), 0 where it has no mask (p > 0 always
+        gives a bound of at least 256)."""
+        return [0 if p is None else keep_limit(p) for p in self.ps]
 
 
 def keep_limit(p: float) -> int:

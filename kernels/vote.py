@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import dispatch
+from .philox import KeepDraw
 
 __all__ = ["agree_mask", "merge_deltas", "mix", "sign_consensus", "sum_models"]
 
@@ -110,9 +111,9 @@ def mix(
 
 def merge_deltas(
     base: torch.Tensor,
-    deltas: torch.Tensor,
+    deltas: torch.Tensor | None,
     weights: Sequence[float],
-    mask: torch.Tensor | None = None,
+    mask: torch.Tensor | KeepDraw | None = None,
     *,
     scale: torch.Tensor | Sequence[float] | None = None,
     consensus: Consensus | None = None,
@@ -122,44 +123,62 @@ def merge_deltas(
 ) -> torch.Tensor:
     """``(base + mix(deltas, ...)).to(base.dtype)``, in one fused pass where ``dispatch`` has a kernel.
 
-    ``mask`` (if any) has the deltas' shape.  ``experts`` (the inputs the deltas came from, as
-    ``expert - base``) lets the Triton kernel form δ itself from one read of each input.  Same bits
+    ``experts`` are the inputs the deltas come from (δ = expert - base): with them ``deltas`` may be
+    None, and the fused kernels form δ from one read of each input instead. ``mask`` has the deltas'
+    shape, or is a ``KeepDraw`` (DARE's masks, which the numba kernel draws tile by tile). Same bits
     on every path; the torch one is the reference.
     """
+    if deltas is None and experts is None:
+        raise ValueError("merge_deltas needs deltas or the experts they come from")
+    if consensus not in (None, "sum", "count"):
+        raise ValueError(f"consensus must be None, 'sum' or 'count', got {consensus!r}")
+    k = len(experts) if deltas is None else deltas.shape[0]
     impl = dispatch.choose("taskvec", base.device)
     if impl == "triton" and experts is not None and 1 <= len(experts) <= 8:
         from ._triton.taskvec import task_vector_mix
 
+        if isinstance(mask, KeepDraw):
+            mask = mask.tensor((k, *base.shape), base.device)
         out = task_vector_mix(base, list(experts), weights, mask=mask, scale=scale, consensus=consensus,
                               normalize=normalize, lam=lam)
         dispatch.ran("taskvec", impl, base.device)
         return out
+    inputs = list(experts) if deltas is None else [deltas]
     fusable = (
-        impl == "numba" and base.dtype == deltas.dtype == torch.bfloat16 and deltas.dim() >= 2
-        and deltas.shape[1:] == base.shape and (mask is None or mask.shape == deltas.shape)
+        impl == "numba" and base.dtype == torch.bfloat16 and base.device.type == "cpu"
+        and all(x.dtype == torch.bfloat16 for x in inputs)
+        and (all(x.shape == base.shape for x in inputs) if deltas is None else deltas.shape[1:] == base.shape)
+        and (not isinstance(mask, torch.Tensor) or mask.shape == (k, *base.shape))
     )
     if not fusable:
         dispatch.ran("taskvec", "torch", base.device)
+        if deltas is None:
+            deltas = torch.stack([e - base for e in experts])
+        if isinstance(mask, KeepDraw):
+            mask = mask.tensor(tuple(deltas.shape), base.device)
         mixed = mix(deltas, weights, mask, scale=scale, consensus=consensus, normalize=normalize, lam=lam)
         return (base + mixed).to(base.dtype)
     from ._numba import taskvec as kernel
 
-    k = deltas.shape[0]
-    w = _per_model(weights, deltas[:, :1], deltas.dtype).reshape(k)
-    s = None if scale is None else _per_model(scale, deltas[:, :1], deltas.dtype).reshape(k)
+    w = _per_model(weights, torch.empty(k, 1), torch.bfloat16).reshape(k)
+    s = None if scale is None else _per_model(scale, torch.empty(k, 1), torch.bfloat16).reshape(k)
     divisor = sum_models(w.unsqueeze(1))
     divisor = torch.where(divisor.abs() < _NO_CONSENSUS_EPS, torch.ones((), dtype=w.dtype), divisor)
     codes = {None: kernel.NO_CONSENSUS, "sum": kernel.SUM, "count": kernel.COUNT}
-    if consensus not in codes:
-        raise ValueError(f"consensus must be None, 'sum' or 'count', got {consensus!r}")
     out = torch.empty(base.shape, dtype=base.dtype)
-    keep = torch.empty((0, 0), dtype=torch.bool) if mask is None else mask.contiguous().reshape(k, -1)
+    sources = tuple(_bits(x) for x in experts) if deltas is None else tuple(_bits(deltas).reshape(k, -1))
+    draw = mask if isinstance(mask, KeepDraw) else None
+    keep = mask.contiguous().reshape(k, -1) if isinstance(mask, torch.Tensor) else torch.empty((0, 0), dtype=torch.bool)
     kernel.mix_bf16(
-        _bits(out), _bits(base), _bits(deltas).reshape(k, -1), keep.numpy(),
+        _bits(out), _bits(base), sources, deltas is None, keep.numpy(),
+        np.uint64(draw.seed if draw else 0), np.array(draw.streams if draw else [], dtype=np.uint64),
+        np.uint64(draw.start if draw else 0), np.array(draw.limits() if draw else [], dtype=np.uint64),
         (torch.empty(0) if s is None else s.float()).numpy(), w.float().numpy(),
         codes[consensus], bool(normalize), np.float32(lam), np.float32(divisor.float().item()),
     )
     dispatch.ran("taskvec", impl, base.device)
+    if draw is not None:
+        dispatch.ran("philox", impl, base.device)
     return out
 
 

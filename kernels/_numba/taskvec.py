@@ -12,6 +12,7 @@ import numba as nb
 import numpy as np
 
 from ._bits import bf2f, f2bf, rnd
+from .philox import _fill
 
 NO_CONSENSUS, SUM, COUNT = 0, 1, 2
 
@@ -26,17 +27,22 @@ _TILE = 512  # elements per tile: K rows of float32 work stay in L1
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
-def mix_bf16(out, base, d, mask, scale, w, consensus, normalize, lam, divisor_const):
-    """``out = bf16(base + mix(d, w, mask, scale, ...))`` on uint16 bit arrays.
+def mix_bf16(out, base, ds, from_experts, mask, seed, streams, start, limits, scale, w, consensus, normalize, lam,
+             divisor_const):
+    """``out = bf16(base + mix(δ, w, mask, scale, ...))`` on uint16 bit arrays.
 
-    ``d``: [K, n] δ bits; ``mask``: [K, n] bool or [0, 0] for none; ``scale``: [K] float32 bf16
-    values or empty for none; ``w``: [K] float32 bf16 values; ``lam``: float32, 1 for none;
-    ``divisor_const``: the no-consensus divisor (it depends on the weights only).
-    Loops run over elements innermost, branch-free, so they vectorize: the signs of random data
-    defeat branch prediction in an element-at-a-time loop.
+    ``ds``: a tuple of K 1-D arrays, the bits of each δ, or with ``from_experts`` of each expert (δ =
+    e - base, rounded as torch's bf16 subtraction rounds it, formed per tile: no δ tensor, no stacking). The mask is ``mask`` ([K, n] bool), or with ``mask``
+    of shape [0, 0] DARE's keep drawn per tile: model k keeps element i where Philox word
+    ``(seed, streams[k], start + i)`` < ``limits[k]``, and ``limits`` empty means no mask at all.
+    ``scale``: [K] float32 bf16 values or empty for none; ``w``: [K] float32 bf16 values; ``lam``:
+    float32, 1 for none; ``divisor_const``: the no-consensus divisor (it depends on the weights only).
+    Loops run over elements innermost on 1-D views, branch-free, so they vectorize.
     """
-    k_models, n = d.shape
+    k_models = len(ds)
+    n = base.size
     has_mask = mask.shape[0] > 0
+    draw = limits.shape[0] > 0
     has_scale = scale.shape[0] > 0
     one = np.float32(1.0)
     zero = np.float32(0.0)
@@ -44,21 +50,34 @@ def mix_bf16(out, base, d, mask, scale, w, consensus, normalize, lam, divisor_co
     acc = np.empty(_TILE, np.float32)
     wacc = np.empty(_TILE, np.float32)
     majority = np.empty(_TILE, np.float32)
+    keep = np.empty(_TILE, np.bool_)
     for t0 in range(0, n, _TILE):
         m = min(_TILE, n - t0)
+        bb = base[t0:t0 + m]
         for k in range(k_models):
-            wk = w[k]
-            sk = scale[k] if has_scale else one
-            dk = d[k, t0:t0 + m]
-            mk = mask[k, t0:t0 + m] if has_mask else mask[0, 0:0]
+            dk = ds[k][t0:t0 + m]
             wdk = wd[k]
+            if from_experts:
+                for j in range(m):
+                    wdk[j] = rnd(bf2f(dk[j]) - bf2f(bb[j]))
+            else:
+                for j in range(m):
+                    wdk[j] = bf2f(dk[j])
+            if has_mask:
+                mk = mask[k, t0:t0 + m]
+                for j in range(m):
+                    wdk[j] = wdk[j] * np.float32(mk[j])
+            elif draw and limits[k] > 0:
+                _fill(keep[:m], seed, streams[k], start + np.uint64(t0), 2, limits[k])
+                for j in range(m):
+                    wdk[j] = wdk[j] * np.float32(keep[j])
+            if has_scale:
+                sk = scale[k]
+                for j in range(m):
+                    wdk[j] = rnd(wdk[j] * sk)
+            wk = w[k]
             for j in range(m):
-                x = bf2f(dk[j])
-                if has_mask:
-                    x = x * np.float32(mk[j])
-                if has_scale:
-                    x = rnd(x * sk)
-                wdk[j] = rnd(x * wk)
+                wdk[j] = rnd(wdk[j] * wk)
         acc[:m] = zero
         if consensus == NO_CONSENSUS:
             for k in range(k_models):

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ..kernels.threshold import Threshold
 
 torch = lazy_module("torch")
-bernoulli_keep, stream_id = lazy_names("streammerge.kernels.philox", "bernoulli_keep", "stream_id")
+KeepDraw, stream_id = lazy_names("streammerge.kernels.philox", "KeepDraw", "stream_id")
 KthMagnitude, equal_per_row, magnitude_keys, topk_mask = lazy_names(
     "streammerge.kernels.threshold", "KthMagnitude", "equal_per_row", "magnitude_keys", "topk_mask")
 (merge_deltas,) = lazy_names("streammerge.kernels.vote", "merge_deltas")
@@ -330,22 +330,26 @@ def _rows(job: TensorJob, band: torch.Tensor) -> torch.Tensor:
     return band.reshape(1, -1)
 
 
-def _bernoulli_masks(job: TensorJob, d: torch.Tensor, row0: int, kind: str) -> torch.Tensor | None:
+def _keep_draw(job: TensorJob, row0: int) -> KeepDraw | None:
+    """DARE's masks for the chunk at ``row0``, drawn by whoever uses them (the fused mix, tile by tile)."""
+    others = [i for i in range(len(job.model_params)) if i != job.base]
+    if not any(_needs_mask(job, i) for i in others):
+        return None
+    return KeepDraw(job.seed, tuple(stream_id(job.model_ids[i], job.name) for i in others),
+                    tuple(_dare_p(job, i) if _needs_mask(job, i) else None for i in others), _flat_start(job, row0))
+
+
+def _della_masks(job: TensorJob, d: torch.Tensor, row0: int) -> torch.Tensor | None:
     others = [i for i in range(len(job.model_params)) if i != job.base]
     if not any(_needs_mask(job, i) for i in others):
         return None
     mask = scratch("masks", tuple(d.shape), torch.bool, d.device).fill_(True)
-    start, count = _flat_start(job, row0), d[0].numel()
+    start = _flat_start(job, row0)
     for j, i in enumerate(others):
-        if not _needs_mask(job, i):
-            continue
-        stream = stream_id(job.model_ids[i], job.name)
-        if kind == "random":
-            keep = bernoulli_keep(job.seed, stream, start, count, _dare_p(job, i), device=d.device)
-        else:
+        if _needs_mask(job, i):
             keep = della_keep(_rows(job, d[j]), float(_mp(job, i, "density")), float(_mp(job, i, "epsilon")),
-                              job.seed, stream, start)
-        mask[j] = keep.reshape(d[j].shape)
+                              job.seed, stream_id(job.model_ids[i], job.name), start)
+            mask[j] = keep.reshape(d[j].shape)
     return mask
 
 
@@ -372,7 +376,7 @@ def _bernoulli_reduces(job: TensorJob, kind: str) -> tuple[Reduce, ...]:
         if kind == "random":
             return _dare_update(state, job, chunks, row0)
         _, _, d = _deltas(job, chunks)
-        mask = _bernoulli_masks(job, d, row0, kind)
+        mask = _della_masks(job, d, row0)
         k = d.shape[0]
         shape = (k, d.shape[1] if d.dim() >= 3 else 1, -1)
         l1, kept = row_l1(d.reshape(shape), None if mask is None else mask.reshape(shape))
@@ -435,22 +439,27 @@ def _make(name: str, sparsify: str | None, consensus: bool, normalize: bool, res
         return ()
 
     def map_fn(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
-        base, others, d = _deltas(job, chunks)
+        base, others = chunks[job.base], [i for i in range(len(chunks)) if i != job.base]
         if not others:
             return base
-        mask, scale = None, None
+        d, mask, scale = None, None, None   # without a magnitude or DELLA mask, δ is formed where it is used
         if magnitude and stats:
+            _, _, d = _deltas(job, chunks)
             mask = _magnitude_masks(job, d, stats[-1], row0, sparsify)
             scale = stats[-1]["scale"] if job.params["rescale"] else None
         elif sparsify in ("random", "della"):
-            mask = _bernoulli_masks(job, d, row0, sparsify)
+            if sparsify == "random":
+                mask = _keep_draw(job, row0)
+            else:
+                _, _, d = _deltas(job, chunks)
+                mask = _della_masks(job, d, row0)
             if job.params["rescale"]:
                 if job.params["rescale_mode"] == "l1":
                     scale = stats[-1]["scale"]
                 else:
                     scale = [1.0 / float(_mp(job, i, "density")) for i in others]
         if scale is not None:
-            scale = torch.tensor(scale, dtype=torch.float64).to(_work_dtype(d.dtype)).to(d.dtype)
+            scale = torch.tensor(scale, dtype=torch.float64).to(_work_dtype(base.dtype)).to(base.dtype)
         weights = [float(_mp(job, i, "weight")) for i in others]
         method = job.params.get("consensus", "sum") if consensus else None
         return merge_deltas(base, d, weights, mask, scale=scale, consensus=method,

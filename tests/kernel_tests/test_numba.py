@@ -91,6 +91,29 @@ def test_fused_mix_handles_weights_summing_to_zero(monkeypatch):
         assert torch.equal(bits(ref), bits(got))
 
 
+@pytest.mark.parametrize("start", [0, 3, 2**33 + 1])
+def test_fused_mix_forms_deltas_and_draws_dare_masks_per_tile(monkeypatch, start):
+    """δ formed from the experts and the keep drawn tile by tile (odd starts, a model without a mask)
+    give the bits of stacking δ and drawing whole masks first, on both paths."""
+    from streammerge.kernels.philox import KeepDraw
+
+    g = torch.Generator().manual_seed(start % 89)
+    n = 3001
+    base = torch.randn(n, generator=g).bfloat16()
+    experts = [(base.float() + 0.05 * torch.randn(n, generator=g)).bfloat16() for _ in range(3)]
+    experts[1][:7] = base[:7]          # zero deltas
+    draw = KeepDraw(5, (11, 2**63 + 12, 13), (0.5, None, 0.3), start)
+    d = torch.stack([e - base for e in experts])
+    mask = draw.tensor(tuple(d.shape))
+    assert mask[1].all() and 0.4 < mask[0].float().mean() < 0.6 and not mask[2].all()
+    for consensus in (None, "sum"):
+        kw = dict(scale=torch.tensor([2.0, 1.0, 3.3]).bfloat16(), consensus=consensus, normalize=consensus is None)
+        ref, got = both(monkeypatch, lambda: merge_deltas(base, None, [0.3, 0.5, 0.2], draw, experts=experts, **kw))
+        monkeypatch.setenv("STREAMMERGE_NO_NUMBA", "1")
+        eager = merge_deltas(base, d, [0.3, 0.5, 0.2], mask, **kw)
+        assert torch.equal(bits(ref), bits(eager)) and torch.equal(bits(got), bits(eager)), consensus
+
+
 @pytest.mark.parametrize("rows,n", [(3, 2048), (1, 1), (2, 5), (4, 777)])
 def test_della_keep_matches_the_argsort_reference(monkeypatch, rows, n):
     g = torch.Generator().manual_seed(n)
