@@ -10,7 +10,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from ._bits import _as_f32, _as_u32
+from ._bits import _as_f32, _as_u32, rnd
 
 _BIAS = np.uint32(0x7FFF)
 _ONE = np.uint32(1)
@@ -70,3 +70,63 @@ def segment_dots(a, b, rounded, shift, seg, out):
             for lane in range(_LANES):
                 t += acc[lane]
             out[r * nseg + s] = t
+
+
+_TILE = 512   # elements of every model's difference formed at once: a multiple of _LANES, divides segments
+
+
+@nb.njit(inline="always", nogil=True, cache=True)
+def _diff(x, b, shift):
+    """x - b as torch's subtraction in the inputs' dtype gives it (bf16: rounded from float32)."""
+    d = x - b
+    return rnd(d) if shift else d
+
+
+@nb.njit(nogil=True, cache=True, error_model="numpy")
+def gram_segments(xs, base, has_base, pi, pj, rounded, shift, seg, out):
+    """``out[p, r * nseg + s]`` = ``segment_dots`` of v_pi[p] and v_pj[p] over segment ``s`` of row ``r``,
+    with v_k = xs[k] - base (or xs[k]): each input read once and every pair summed from the same
+    in-cache tile of differences, in the same lane order as ``segment_dots`` (so the same bits)."""
+    k_models = len(xs)
+    rows, m = xs[0].shape
+    n_pairs = pi.size
+    nseg = (m + seg - 1) // seg
+    v = np.empty((k_models, _TILE), np.float32)
+    acc = np.empty((n_pairs, _LANES))
+    for r in range(rows):
+        br = base[r] if has_base else base[0]
+        for s in range(nseg):
+            lo = s * seg
+            hi = min(m, lo + seg)
+            acc[:, :] = 0.0
+            for t0 in range(lo, hi, _TILE):
+                mm = min(_TILE, hi - t0)
+                for k in range(k_models):
+                    xk = xs[k][r][t0:t0 + mm]
+                    vk = v[k]
+                    if has_base:
+                        bk = br[t0:t0 + mm]
+                        for j in range(mm):
+                            vk[j] = _diff(_dec(xk[j], shift), _dec(bk[j], shift), shift)
+                    else:
+                        for j in range(mm):
+                            vk[j] = _dec(xk[j], shift)
+                whole = mm - mm % _LANES
+                for p in range(n_pairs):
+                    a = v[pi[p]]
+                    b = v[pj[p]]
+                    ap = acc[p]
+                    rp = rounded[p]
+                    for c0 in range(0, whole, _LANES):
+                        x = a[c0:c0 + _LANES]
+                        y = b[c0:c0 + _LANES]
+                        for lane in range(_LANES):
+                            ap[lane] += _prod(x[lane], y[lane], rp, shift)
+                    for c in range(whole, mm):
+                        ap[c - whole] += _prod(a[c], b[c], rp, shift)
+            for p in range(n_pairs):
+                t = 0.0
+                ap = acc[p]
+                for lane in range(_LANES):
+                    t += ap[lane]
+                out[p, r * nseg + s] = t

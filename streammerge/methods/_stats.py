@@ -23,7 +23,7 @@ from .._lazy import lazy_module, lazy_names
 from .registry import Reduce, TensorJob
 
 torch = lazy_module("torch")
-_segment_sums, _segment_dots = lazy_names("streammerge.kernels.dots", "segment_sums", "segment_dots")
+_segment_sums, _gram_segments = lazy_names("streammerge.kernels.dots", "segment_sums", "gram_segments")
 
 # KthMagnitude(dtype).passes by dtype code: planning counts passes without importing torch.
 HISTOGRAM_PASSES = {"BF16": 1, "F16": 1, "F32": 2, "F64": 4}
@@ -117,10 +117,13 @@ class Gram:
         self.sums = {p: ExactSum() for p in pairs}
         self.rounded = frozenset(rounded)
 
-    def update(self, xs: Sequence[torch.Tensor]) -> None:
-        rows = [as_rows(x) for x in xs]
-        for (i, j), acc in self.sums.items():
-            acc.add(_segment_dots(rows[i], rows[j], (i, j) in self.rounded).tolist())
+    def update(self, base: torch.Tensor | None, xs: Sequence[torch.Tensor]) -> None:
+        """Add the products of the vectors ``xs[k] - base`` (``xs[k]`` without a base)."""
+        pairs = list(self.sums)
+        sums = _gram_segments([as_rows(x) for x in xs], None if base is None else as_rows(base), pairs,
+                              self.rounded)
+        for p, row in zip(pairs, sums.tolist()):
+            self.sums[p].add(row)
 
     def merge(self, other: "Gram") -> None:
         for p, acc in self.sums.items():
@@ -135,17 +138,18 @@ def all_pairs(k: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(k) for j in range(i, k)]
 
 
-def gram_reduce(vectors: Callable[[TensorJob, list[torch.Tensor]], Sequence[torch.Tensor]],
+def gram_reduce(vectors: Callable[[TensorJob, list[torch.Tensor]], tuple[torch.Tensor | None, Sequence[torch.Tensor]]],
                 pairs: Callable[[TensorJob], Iterable[tuple[int, int]]],
                 finish: Callable[[Gram, TensorJob, Sequence[Any]], Any],
                 rounded: Callable[[TensorJob], Iterable[tuple[int, int]]] = lambda job: ()) -> Reduce:
-    """A one-pass reduce of exact pairwise sums over `vectors(job, chunks)`; parallel-safe (exact merge)."""
+    """A one-pass reduce of exact pairwise sums of the vectors ``x - base`` for ``(base, xs) =
+    vectors(job, chunks)`` (``base`` None: the ``xs`` themselves); parallel-safe (exact merge)."""
 
     def init(job: TensorJob) -> Gram:
         return Gram(pairs(job), rounded(job))
 
     def update(state: Gram, job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
-        state.update(vectors(job, chunks))
+        state.update(*vectors(job, chunks))
 
     return Reduce(init, update, finish, merge=lambda into, other: into.merge(other))
 

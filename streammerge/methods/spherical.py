@@ -36,10 +36,14 @@ _COLINEAR_EPS = 1e-8   # nuslerp: colinear when 1 - cos² <= eps²
 _UNIT_EPS = 1e-7       # nuslerp: norms are clamped to at least this
 
 
+def _inputs(job: TensorJob, chunks: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """(base or None, the non-base inputs): what a Gram reduce of the task vectors takes."""
+    return (chunks[job.base] if job.base is not None else None), nonbase(job, chunks)
+
+
 def _vectors(job: TensorJob, chunks: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """(base or None, the non-base inputs minus the base), in the loaded dtype as mergekit forms them."""
-    base = chunks[job.base] if job.base is not None else None
-    xs = nonbase(job, chunks)
+    base, xs = _inputs(job, chunks)
     return base, xs if base is None else [x - base for x in xs]
 
 
@@ -137,7 +141,7 @@ def _column_dots_finish(state: tuple, job: TensorJob, stats: Sequence[Any]) -> t
 def _nuslerp_reduces(job: TensorJob) -> tuple[Reduce, ...]:
     mode = _nuslerp_mode(job)
     if mode == "flat":
-        return (gram_reduce(lambda j, c: _vectors(j, c)[1], lambda j: all_pairs(2), _nuslerp_finish),)
+        return (gram_reduce(_inputs, lambda j: all_pairs(2), _nuslerp_finish),)
     if mode == "column":
         return chained((_column_norms_init, _column_norms_update, _column_norms_finish, None),
                        (_column_dots_init, _column_dots_update, _column_dots_finish, None))
@@ -255,7 +259,7 @@ def _multislerp_reduces(job: TensorJob) -> tuple[Reduce, ...]:
     k = len(job.model_params) - (job.base is not None)
     if k == 1 or len(job.shape) < 2:
         return ()
-    return (gram_reduce(lambda j, c: _vectors(j, c)[1], lambda j: all_pairs(k), _multislerp_finish),)
+    return (gram_reduce(_inputs, lambda j: all_pairs(k), _multislerp_finish),)
 
 
 def _multislerp_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
@@ -367,7 +371,7 @@ def _karcher_finish(g: Gram, job: TensorJob, stats: Sequence[Any]) -> list[float
 
 def _karcher_reduces(job: TensorJob) -> tuple[Reduce, ...]:
     k = len(job.model_params)
-    return () if k == 1 else (gram_reduce(lambda j, c: c, lambda j: all_pairs(k), _karcher_finish),)
+    return () if k == 1 else (gram_reduce(lambda j, c: (None, c), lambda j: all_pairs(k), _karcher_finish),)
 
 
 def _karcher_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:

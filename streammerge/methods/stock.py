@@ -55,9 +55,9 @@ def _stock_mode(job: TensorJob) -> str:
     return "whole" if len(job.shape) < 2 else "flat"
 
 
-def _stock_vectors(job: TensorJob, chunks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    w0 = chunks[job.base]
-    return [w - w0 for w in nonbase(job, chunks)]
+def _stock_vectors(job: TensorJob, chunks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The task vectors, as (base, models): the Gram reduce forms the differences in cache."""
+    return chunks[job.base], nonbase(job, chunks)
 
 
 def _stock_finish(g: Gram, job: TensorJob, stats: Sequence[Any]) -> torch.Tensor:

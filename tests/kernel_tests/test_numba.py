@@ -167,6 +167,27 @@ def _close_pairs(n: int, seed: int, lo: float, hi: float) -> tuple[torch.Tensor,
     return a, b
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,m", [(3, 5000), (2, 700), (1, 8192 + 64 * 3 + 5)])
+def test_fused_gram_equals_the_pairwise_dots_of_the_differences(monkeypatch, dtype, rows, m):
+    """Differences formed per tile and every pair summed from it: the bits of materialising x - base
+    and calling segment_dots per pair (the same lane order), with and without a base; torch agrees."""
+    from streammerge.kernels.dots import gram_segments
+
+    g = torch.Generator().manual_seed(rows * m)
+    base = torch.randn(rows, m, generator=g).to(dtype)
+    xs = [(base.float() + 0.1 * torch.randn(rows, m, generator=g)).to(dtype) for _ in range(3)]
+    pairs = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
+    rounded = {(0, 1), (0, 2), (1, 2)}
+    for b in (base, None):
+        vs = xs if b is None else [x - b for x in xs]
+        want = torch.stack([segment_dots(vs[i], vs[j], p in rounded) for p in pairs for i, j in [p]])
+        ref, got = both(monkeypatch, lambda: gram_segments(xs, b, pairs, rounded))
+        assert torch.equal(got, want)
+        torch.testing.assert_close(ref, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+    assert dispatch.choose("dots", "cpu") == "numba"
+
+
 @pytest.mark.parametrize("t", [0.0, 0.3, 0.7314, 1.0, 1.3, -0.2])
 @pytest.mark.parametrize("k", [2, 3, 5])
 def test_stock_blend_is_bit_identical_to_the_eager_chain(monkeypatch, t, k):
