@@ -42,10 +42,11 @@ def row_l1(d: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, to
 
 
 def dare_row_l1(expert: torch.Tensor, base: torch.Tensor, seed: int, stream: int, start: int,
-                p: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+                p: float | None, packed: "np.ndarray | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``row_l1`` of ``δ = expert - base`` (``[rows, n]``) and of δ under DARE's keep mask with probability
     ``p`` (None: no mask), element ``start + r * n + c`` drawn from ``stream``: what the DARE rescale pass
-    needs from one expert, without a δ or mask tensor on the compiled path."""
+    needs from one expert, without a δ or mask tensor on the compiled path. ``packed`` (uint8,
+    ``ceil(rows * n / 8)``) receives the keep bits, element i in bit i % 8 of byte i // 8."""
     from .philox import bernoulli_keep, keep_limit
 
     rows, n = base.shape
@@ -59,11 +60,16 @@ def dare_row_l1(expert: torch.Tensor, base: torch.Tensor, seed: int, stream: int
         kept = torch.empty(rows, dtype=torch.float64)
         bits = [t.contiguous().view(torch.int16).numpy().view(np.uint16) for t in (expert, base)]
         kernel.dare_row_l1_bf16(*bits, np.uint64(seed), np.uint64(stream), np.uint64(start),
-                                np.uint64(0 if p is None else keep_limit(p)), p is not None, l1.numpy(), kept.numpy())
+                                np.uint64(0 if p is None else keep_limit(p)), p is not None, l1.numpy(), kept.numpy(),
+                                np.empty(0, np.uint8) if packed is None else packed)
         dispatch.ran("row_l1", "numba", base.device)
         dispatch.ran("philox", "numba", base.device)
         return l1, kept
     d = (expert - base).unsqueeze(0)
     mask = None if p is None else bernoulli_keep(seed, stream, start, rows * n, p, device=base.device).reshape(d.shape)
+    if packed is not None and mask is not None:
+        import numpy as np
+
+        packed[:] = np.packbits(mask.reshape(-1).cpu().numpy(), bitorder="little")
     l1, kept = row_l1(d, mask)
     return l1[0], kept[0]

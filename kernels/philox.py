@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -279,6 +280,10 @@ class KeepDraw:
     streams: tuple[int, ...]
     ps: tuple[float | None, ...]
     start: int
+    packed: tuple[Any, ...] | None = field(default=None, compare=False, repr=False)
+    """The same bits, drawn already (by DARE's rescale pass), as one uint8 array per model (None for a
+    model without a mask), element i in bit i % 8 of byte i // 8; the fused kernel reads them instead
+    of drawing again, the other paths ignore them."""
 
     def tensor(self, shape: tuple[int, ...], device: torch.device | str | None = None) -> torch.Tensor:
         """The ``[K, ...]`` bool mask of ``shape``."""

@@ -160,24 +160,29 @@ def merge_deltas(
         return (base + mixed).to(base.dtype)
     from ._numba import taskvec as kernel
 
-    w = _per_model(weights, torch.empty(k, 1), torch.bfloat16).reshape(k)
-    s = None if scale is None else _per_model(scale, torch.empty(k, 1), torch.bfloat16).reshape(k)
+    per_model = torch.empty(k, 1)   # the [K, ...] shape _per_model checks values against
+    w = _per_model(weights, per_model, torch.bfloat16).reshape(k)
+    s = None if scale is None else _per_model(scale, per_model, torch.bfloat16).reshape(k)
     divisor = sum_models(w.unsqueeze(1))
     divisor = torch.where(divisor.abs() < _NO_CONSENSUS_EPS, torch.ones((), dtype=w.dtype), divisor)
     codes = {None: kernel.NO_CONSENSUS, "sum": kernel.SUM, "count": kernel.COUNT}
     out = torch.empty(base.shape, dtype=base.dtype)
     sources = tuple(_bits(x) for x in experts) if deltas is None else tuple(_bits(deltas).reshape(k, -1))
     draw = mask if isinstance(mask, KeepDraw) else None
+    none = np.empty(0, np.uint8)
+    cached = (draw is not None and draw.packed is not None and len(draw.packed) == k
+              and all(b is None or b.size * 8 >= base.numel() for b in draw.packed))
+    packed = tuple(none if b is None else b for b in draw.packed) if cached else (none,) * k
     keep = mask.contiguous().reshape(k, -1) if isinstance(mask, torch.Tensor) else torch.empty((0, 0), dtype=torch.bool)
     kernel.mix_bf16(
         _bits(out), _bits(base), sources, deltas is None, keep.numpy(),
         np.uint64(draw.seed if draw else 0), np.array(draw.streams if draw else [], dtype=np.uint64),
-        np.uint64(draw.start if draw else 0), np.array(draw.limits() if draw else [], dtype=np.uint64),
+        np.uint64(draw.start if draw else 0), np.array(draw.limits() if draw else [], dtype=np.uint64), packed, cached,
         (torch.empty(0) if s is None else s.float()).numpy(), w.float().numpy(),
         codes[consensus], bool(normalize), np.float32(lam), np.float32(divisor.float().item()),
     )
     dispatch.ran("taskvec", impl, base.device)
-    if draw is not None:
+    if draw is not None and not cached:
         dispatch.ran("philox", impl, base.device)
     return out
 

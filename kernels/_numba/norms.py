@@ -70,15 +70,37 @@ def row_l1_bf16(d, mask, l1, kept):
                 kept[k, r] = l1[k, r]
 
 
+@nb.njit(inline="always", nogil=True, cache=True)
+def _pack(keep, packed, i0):
+    """OR the bools ``keep`` into ``packed`` from bit ``i0`` on (bit i: byte i // 8, bit i % 8)."""
+    n = keep.size
+    if i0 % 8 == 0 and n % 8 == 0:
+        out = packed[i0 >> 3:(i0 + n) >> 3]
+        for q in range(n >> 3):
+            v = np.uint8(0)
+            for b in range(8):
+                v |= np.uint8(keep[8 * q + b]) << np.uint8(b)
+            out[q] = v
+        return
+    for c in range(n):
+        i = i0 + c
+        packed[i >> 3] |= np.uint8(keep[c]) << np.uint8(i & 7)
+
+
 @nb.njit(nogil=True, cache=True, error_model="numpy")
-def dare_row_l1_bf16(e, b, seed, stream, start, limit, apply, l1, kept):
+def dare_row_l1_bf16(e, b, seed, stream, start, limit, apply, l1, kept, packed):
     """``row_l1_bf16`` of δ = e - b (rounded to bf16) and of δ under DARE's Philox keep mask, formed row by
-    row in cache: no δ tensor and no mask tensor. ``start``: flat index of the first element."""
+    row in cache: no δ tensor and no mask tensor. ``start``: flat index of the first element. With a
+    non-empty ``packed`` (``ceil(rows * n / 8)`` bytes), the keep bits are also stored there, element i
+    as bit ``i % 8`` of byte ``i // 8``, for the map to reuse instead of drawing them again."""
     rows, n = e.shape
     d = np.empty(n, np.uint16)
     keep = np.empty(n, np.bool_)
     acc = np.empty(_LANES)
     acc_kept = np.empty(_LANES)
+    store = packed.size > 0
+    if store:
+        packed[:] = 0
     for r in range(rows):
         er = e[r]
         br = b[r]
@@ -86,6 +108,8 @@ def dare_row_l1_bf16(e, b, seed, stream, start, limit, apply, l1, kept):
             d[c] = f2bf(bf2f(er[c]) - bf2f(br[c]))
         if apply:
             _fill(keep, seed, stream, start + np.uint64(r * n), 2, limit)
+            if store:
+                _pack(keep, packed, r * n)
         l1[r], kept[r] = _row_sums(d, keep, apply, acc, acc_kept)
         if not apply:
             kept[r] = l1[r]

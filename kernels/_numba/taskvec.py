@@ -23,18 +23,33 @@ def _sign(x):
     return np.float32(x > 0) - np.float32(x < 0)
 
 
-_TILE = 512  # elements per tile: K rows of float32 work stay in L1
+_TILE = 512  # elements per tile: K rows of float32 work stay in L1; a multiple of 8 (packed keep bits)
+
+
+@nb.njit(inline="always", nogil=True, cache=True)
+def _unpack(packed, t0, m, keep):
+    """``keep[j]`` = bit ``t0 + j`` of ``packed`` (``t0`` a multiple of 8)."""
+    src = packed[t0 >> 3:(t0 + m + 7) >> 3]
+    full = m >> 3
+    for q in range(full):
+        v = src[q]
+        for b in range(8):
+            keep[8 * q + b] = (v >> np.uint8(b)) & np.uint8(1)
+    for j in range(8 * full, m):
+        keep[j] = (src[full] >> np.uint8(j - 8 * full)) & np.uint8(1)
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
-def mix_bf16(out, base, ds, from_experts, mask, seed, streams, start, limits, scale, w, consensus, normalize, lam,
-             divisor_const):
+def mix_bf16(out, base, ds, from_experts, mask, seed, streams, start, limits, cached, use_cached, scale, w, consensus,
+             normalize, lam, divisor_const):
     """``out = bf16(base + mix(δ, w, mask, scale, ...))`` on uint16 bit arrays.
 
     ``ds``: a tuple of K 1-D arrays, the bits of each δ, or with ``from_experts`` of each expert (δ =
     e - base, rounded as torch's bf16 subtraction rounds it, formed per tile: no δ tensor, no stacking). The mask is ``mask`` ([K, n] bool), or with ``mask``
     of shape [0, 0] DARE's keep drawn per tile: model k keeps element i where Philox word
-    ``(seed, streams[k], start + i)`` < ``limits[k]``, and ``limits`` empty means no mask at all.
+    ``(seed, streams[k], start + i)`` < ``limits[k]``, and ``limits`` empty means no mask at all; with
+    ``use_cached`` those bits come packed in ``cached[k]`` (bit i % 8 of byte i // 8), drawn already by
+    the rescale pass.
     ``scale``: [K] float32 bf16 values or empty for none; ``w``: [K] float32 bf16 values; ``lam``:
     float32, 1 for none; ``divisor_const``: the no-consensus divisor (it depends on the weights only).
     Loops run over elements innermost on 1-D views, branch-free, so they vectorize.
@@ -68,7 +83,10 @@ def mix_bf16(out, base, ds, from_experts, mask, seed, streams, start, limits, sc
                 for j in range(m):
                     wdk[j] = wdk[j] * np.float32(mk[j])
             elif draw and limits[k] > 0:
-                _fill(keep[:m], seed, streams[k], start + np.uint64(t0), 2, limits[k])
+                if use_cached:
+                    _unpack(cached[k], t0, m, keep)
+                else:
+                    _fill(keep[:m], seed, streams[k], start + np.uint64(t0), 2, limits[k])
                 for j in range(m):
                     wdk[j] = wdk[j] * np.float32(keep[j])
             if has_scale:

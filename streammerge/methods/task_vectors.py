@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ..kernels.threshold import Threshold
 
 torch = lazy_module("torch")
+np = lazy_module("numpy")
 KeepDraw, stream_id = lazy_names("streammerge.kernels.philox", "KeepDraw", "stream_id")
 KthMagnitude, equal_per_row, magnitude_keys, topk_mask = lazy_names(
     "streammerge.kernels.threshold", "KthMagnitude", "equal_per_row", "magnitude_keys", "topk_mask")
@@ -37,6 +38,9 @@ row_l1, dare_row_l1 = lazy_names("streammerge.kernels.norms", "row_l1", "dare_ro
 (scratch,) = lazy_names("streammerge.kernels.scratch", "scratch")
 
 RESCALE_EPS = 1e-7
+# DARE's rescale pass hands its packed keep bits to the map when a tensor's bits, all models together,
+# fit in this many bytes (24.6 MB for a 32000 x 2048 embedding of three models); larger ones draw again.
+_KEEP_CACHE_BYTES = 64 << 20
 
 
 def _density_check(v: Any) -> str | None:
@@ -330,13 +334,15 @@ def _rows(job: TensorJob, band: torch.Tensor) -> torch.Tensor:
     return band.reshape(1, -1)
 
 
-def _keep_draw(job: TensorJob, row0: int) -> KeepDraw | None:
-    """DARE's masks for the chunk at ``row0``, drawn by whoever uses them (the fused mix, tile by tile)."""
+def _keep_draw(job: TensorJob, row0: int, packed: tuple | None = None) -> KeepDraw | None:
+    """DARE's masks for the chunk at ``row0``, drawn by whoever uses them (the fused mix, tile by tile),
+    or read from ``packed``, the bits the rescale pass drew for the same chunk."""
     others = [i for i in range(len(job.model_params)) if i != job.base]
     if not any(_needs_mask(job, i) for i in others):
         return None
     return KeepDraw(job.seed, tuple(stream_id(job.model_ids[i], job.name) for i in others),
-                    tuple(_dare_p(job, i) if _needs_mask(job, i) else None for i in others), _flat_start(job, row0))
+                    tuple(_dare_p(job, i) if _needs_mask(job, i) else None for i in others), _flat_start(job, row0),
+                    packed)
 
 
 def _della_masks(job: TensorJob, d: torch.Tensor, row0: int) -> torch.Tensor | None:
@@ -354,23 +360,30 @@ def _della_masks(job: TensorJob, d: torch.Tensor, row0: int) -> torch.Tensor | N
 
 
 def _dare_update(state: dict, job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
-    """The DARE rescale sums straight from the inputs, expert by expert (same sums as the δ/mask path)."""
+    """The DARE rescale sums straight from the inputs, expert by expert (same sums as the δ/mask path),
+    keeping the keep bits it drew (packed, by the chunk's first row) for the map, up to
+    `_KEEP_CACHE_BYTES` per tensor: reading them back costs less than drawing them again."""
     base = chunks[job.base]
     rows = base.shape[0] if base.dim() >= 2 and len(job.shape) >= 2 else 1
     base = base.reshape(rows, -1)
     start = _flat_start(job, row0)
+    others = [i for i in range(len(chunks)) if i != job.base]
+    keep = len(others) * job.numel <= 8 * _KEEP_CACHE_BYTES
+    bits = [np.empty(-(-base.numel() // 8), np.uint8) if keep and _needs_mask(job, i) else None for i in others]
     parts = [dare_row_l1(chunks[i].reshape(rows, -1), base, job.seed, stream_id(job.model_ids[i], job.name), start,
-                         _dare_p(job, i) if _needs_mask(job, i) else None)
-             for i in range(len(chunks)) if i != job.base]
+                         _dare_p(job, i) if _needs_mask(job, i) else None, packed)
+             for i, packed in zip(others, bits)]
     state["l1"].append(torch.stack([p[0] for p in parts]))
     state["kept"].append(torch.stack([p[1] for p in parts]))
+    if keep:
+        state["keep"][row0] = tuple(bits)
 
 
 def _bernoulli_reduces(job: TensorJob, kind: str) -> tuple[Reduce, ...]:
-    """‖δ‖₁ and ‖masked δ‖₁ per row. The map draws the mask again: a Philox draw costs less than
-    holding a whole tensor's masks between the passes."""
+    """‖δ‖₁ and ‖masked δ‖₁ per row. DARE's pass also keeps its mask bits, packed, for the map (DELLA's
+    map draws again: its masks depend on ranks, which the map recomputes anyway)."""
     def init(job):
-        return {"l1": [], "kept": []}
+        return {"l1": [], "kept": [], "keep": {}}
 
     def update(state, job, chunks, row0):
         if kind == "random":
@@ -386,6 +399,7 @@ def _bernoulli_reduces(job: TensorJob, kind: str) -> tuple[Reduce, ...]:
     def merge(into, other):
         into["l1"].extend(other["l1"])
         into["kept"].extend(other["kept"])
+        into["keep"].update(other["keep"])
 
     def finish(state, job, stats):
         l1 = torch.cat(state["l1"], dim=1) if state["l1"] else torch.zeros(0, 0, dtype=torch.float64)
@@ -394,7 +408,7 @@ def _bernoulli_reduces(job: TensorJob, kind: str) -> tuple[Reduce, ...]:
         for j in range(l1.shape[0]):
             total, part = math.fsum(l1[j].tolist()), math.fsum(kept[j].tolist())
             scale.append(total / part if total >= RESCALE_EPS and part >= RESCALE_EPS else 1.0)
-        return {"scale": scale}
+        return {"scale": scale, "keep": state["keep"]}
 
     return (Reduce(init, update, finish, merge),)
 
@@ -449,7 +463,7 @@ def _make(name: str, sparsify: str | None, consensus: bool, normalize: bool, res
             scale = stats[-1]["scale"] if job.params["rescale"] else None
         elif sparsify in ("random", "della"):
             if sparsify == "random":
-                mask = _keep_draw(job, row0)
+                mask = _keep_draw(job, row0, stats[-1].get("keep", {}).get(row0) if stats else None)
             else:
                 _, _, d = _deltas(job, chunks)
                 mask = _della_masks(job, d, row0)

@@ -114,6 +114,39 @@ def test_fused_mix_forms_deltas_and_draws_dare_masks_per_tile(monkeypatch, start
         assert torch.equal(bits(ref), bits(eager)) and torch.equal(bits(got), bits(eager)), consensus
 
 
+def test_the_map_reads_the_rescale_pass_keep_bits_instead_of_drawing(monkeypatch):
+    """The rescale pass packs the keep bits it drew (both paths); the fused mix given them writes the
+    bits of drawing, and really reads them (wrong bits change the result)."""
+    import dataclasses
+
+    import numpy as np
+
+    from streammerge.kernels.philox import KeepDraw
+
+    g = torch.Generator().manual_seed(3)
+    rows, n = 3, 1000                     # 3000 elements: the last byte is partly used
+    base = torch.randn(rows, n, generator=g).bfloat16()
+    experts = [(base.float() + 0.05 * torch.randn(rows, n, generator=g)).bfloat16() for _ in range(2)]
+    draw = KeepDraw(5, (11, 12), (0.5, 0.3), 7)
+    want = [np.packbits(draw.tensor((2, rows * n))[k].numpy(), bitorder="little") for k in range(2)]
+    for flag in ("1", "0"):
+        monkeypatch.setenv("STREAMMERGE_NO_NUMBA", flag)
+        for k in range(2):
+            packed = np.full(want[k].size, 0xAA, np.uint8)
+            dare_row_l1(experts[k], base, 5, draw.streams[k], 7, draw.ps[k], packed)
+            assert np.array_equal(packed, want[k]), (flag, k)
+    monkeypatch.setenv("STREAMMERGE_NO_NUMBA", "0")
+
+    def mixed(d):
+        return merge_deltas(base, None, [0.6, 0.4], d, scale=torch.tensor([2.0, 3.0]).bfloat16(), consensus="sum",
+                            experts=experts)
+
+    drawn = mixed(draw)
+    assert torch.equal(bits(mixed(dataclasses.replace(draw, packed=tuple(want)))), bits(drawn))
+    wrong = tuple(np.zeros_like(w) for w in want)
+    assert not torch.equal(bits(mixed(dataclasses.replace(draw, packed=wrong))), bits(drawn))
+
+
 @pytest.mark.parametrize("rows,n", [(3, 2048), (1, 1), (2, 5), (4, 777)])
 def test_della_keep_matches_the_argsort_reference(monkeypatch, rows, n):
     g = torch.Generator().manual_seed(n)
