@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 
-__all__ = ["SEGMENT", "gram_segments", "segment_dots", "segment_sums"]
+__all__ = ["SEGMENT", "column_products", "gram_segments", "segment_dots", "segment_sums"]
 
 SEGMENT = 4096
 _BITS = {torch.bfloat16: (torch.int16, "uint16", 16), torch.float32: (torch.int32, "uint32", 0)}
@@ -87,3 +87,24 @@ def gram_segments(xs: Sequence[torch.Tensor], base: torch.Tensor | None, pairs: 
         return out
     vs = list(xs) if base is None else [x - base for x in xs]
     return torch.stack([segment_dots(vs[i], vs[j], (i, j) in rounded) for i, j in pairs])
+
+
+def column_products(xs: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]], acc: torch.Tensor) -> bool:
+    """Add ``Σ_rows xs[i] * xs[j]`` (float64, exact products) into ``acc[p]`` for each pair, row after row,
+    from ``[rows, m]`` inputs; ``acc``: float64 ``[len(pairs), m]``. The same bits as a cumulative sum down
+    each column of the float64 products. Returns False, doing nothing, where there is no compiled path
+    (the caller then runs its torch reference)."""
+    if not (xs and all(x.shape == xs[0].shape and x.dtype == xs[0].dtype and x.dim() == 2 for x in xs)
+            and xs[0].dtype in _BITS and acc.dtype == torch.float64 and acc.is_contiguous()
+            and acc.device.type == "cpu" and dispatch.choose("dots", xs[0].device) == "numba"):
+        return False
+    import numpy as np
+
+    from ._numba import dots as kernel
+
+    signed, unsigned, shift = _BITS[xs[0].dtype]
+    bits = tuple(t.contiguous().view(signed).numpy().view(unsigned) for t in xs)
+    kernel.column_products(bits, np.array([i for i, _ in pairs], np.int64), np.array([j for _, j in pairs], np.int64),
+                           shift, acc.numpy())
+    dispatch.ran("dots", "numba", xs[0].device)
+    return True

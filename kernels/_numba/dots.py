@@ -130,3 +130,25 @@ def gram_segments(xs, base, has_base, pi, pj, rounded, shift, seg, out):
                 for lane in range(_LANES):
                     t += ap[lane]
                 out[p, r * nseg + s] = t
+
+
+@nb.njit(nogil=True, cache=True, error_model="numpy")
+def column_products(xs, pi, pj, shift, acc):
+    """``acc[p, c] += Σ_r x_pi[p][r, c] · x_pj[p][r, c]``, the products exact in float64, added row after
+    row: the roundings of a cumulative sum down each column, so any banding of the rows gives the same
+    bits as long as the bands come in row order."""
+    rows, m = xs[0].shape
+    n_pairs = pi.size
+    v = np.empty((len(xs), m))
+    for r in range(rows):
+        for k in range(len(xs)):
+            xr = xs[k][r]
+            vk = v[k]
+            for c in range(m):
+                vk[c] = np.float64(_dec(xr[c], shift))
+        for p in range(n_pairs):
+            a = v[pi[p]]
+            b = v[pj[p]]
+            ap = acc[p]
+            for c in range(m):
+                ap[c] += a[c] * b[c]

@@ -23,7 +23,8 @@ from .._lazy import lazy_module, lazy_names
 from .registry import Reduce, TensorJob
 
 torch = lazy_module("torch")
-_segment_sums, _gram_segments = lazy_names("streammerge.kernels.dots", "segment_sums", "gram_segments")
+_segment_sums, _gram_segments, _column_products = lazy_names(
+    "streammerge.kernels.dots", "segment_sums", "gram_segments", "column_products")
 
 # KthMagnitude(dtype).passes by dtype code: planning counts passes without importing torch.
 HISTOGRAM_PASSES = {"BF16": 1, "F16": 1, "F32": 2, "F64": 4}
@@ -97,11 +98,36 @@ class ColumnSums:
         self.acc = torch.zeros(cols, dtype=torch.float64, device=device)
 
     def add(self, rows: torch.Tensor) -> None:
-        if self.acc.device != rows.device:
-            self.acc = self.acc.to(rows.device)
-        for lo in range(0, rows.shape[0], _COL_BLOCK):
-            block = torch.cat([self.acc.unsqueeze(0), rows[lo:lo + _COL_BLOCK]])
-            self.acc = torch.cumsum(block, dim=0)[-1].clone()
+        self.acc = _add_in_row_order(self.acc.to(rows.device), rows)
+
+
+def _add_in_row_order(acc: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``acc + rows[0] + rows[1] + ...`` column by column, one row at a time (a cumulative sum)."""
+    for lo in range(0, rows.shape[0], _COL_BLOCK):
+        acc = torch.cumsum(torch.cat([acc.unsqueeze(0), rows[lo:lo + _COL_BLOCK]]), dim=0)[-1].clone()
+    return acc
+
+
+class ColumnProducts:
+    """Per-column fp64 sums Σ_rows x_i·x_j for `pairs` of input positions, the products exact, accumulated
+    strictly in row order: one compiled pass over the inputs where there is one (no fp64 temporaries),
+    else `ColumnSums`' cumulative sums of the fp64 products, which round the same way."""
+
+    __slots__ = ("pairs", "acc")
+
+    def __init__(self, cols: int, pairs: Iterable[tuple[int, int]]) -> None:
+        self.pairs = list(pairs)
+        self.acc = torch.zeros(len(self.pairs), cols, dtype=torch.float64)
+
+    def add(self, xs: Sequence[torch.Tensor]) -> None:
+        rows = [as_rows(x) for x in xs]
+        if self.acc.device != rows[0].device:
+            self.acc = self.acc.to(rows[0].device)
+        if _column_products(rows, self.pairs, self.acc):
+            return
+        wide = [r.double() for r in rows]
+        for p, (i, j) in enumerate(self.pairs):
+            self.acc[p] = _add_in_row_order(self.acc[p], wide[i] * wide[j])
 
 
 class Gram:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from .._lazy import lazy_module
-from ._stats import ColumnSums, as_rows, nonbase, row_sums, work_dtype
+from ._stats import ColumnProducts, as_rows, nonbase, row_sums, work_dtype
 from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
 
 torch = lazy_module("torch")
@@ -46,18 +46,19 @@ def _sums(w0: torch.Tensor, ws: list[torch.Tensor]) -> list[torch.Tensor]:
 
 # -- reduce: per-column (or, for the embedding, per-row) sums -------------------------------------
 
-def _columns_init(job: TensorJob) -> list[ColumnSums]:
+def _columns_init(job: TensorJob) -> ColumnProducts:
+    """The terms of `_sums` as products of [base, model 1, ...]: W_0², then W_k² and W_k·W_0 per model."""
     k = len(job.model_params) - 1
-    return [ColumnSums(job.row_elems) for _ in range(1 + 2 * k)]
+    pairs = [(0, 0)] + [p for i in range(1, k + 1) for p in ((i, i), (i, 0))]
+    return ColumnProducts(job.row_elems, pairs)
 
 
-def _columns_update(state: list[ColumnSums], job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
-    for acc, term in zip(state, _sums(*_inputs(job, chunks))):
-        acc.add(term)
+def _columns_update(state: ColumnProducts, job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
+    state.add([chunks[job.base], *nonbase(job, chunks)])
 
 
-def _columns_finish(state: list[ColumnSums], job: TensorJob, stats: Sequence[Any]) -> torch.Tensor:
-    return _weights(torch.stack([acc.acc for acc in state]).cpu(), job)
+def _columns_finish(state: ColumnProducts, job: TensorJob, stats: Sequence[Any]) -> torch.Tensor:
+    return _weights(state.acc.cpu(), job)
 
 
 def _rows_init(job: TensorJob) -> list[tuple[int, torch.Tensor]]:

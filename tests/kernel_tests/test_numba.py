@@ -221,6 +221,28 @@ def test_fused_gram_equals_the_pairwise_dots_of_the_differences(monkeypatch, dty
     assert dispatch.choose("dots", "cpu") == "numba"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_column_products_add_rows_in_order_like_the_cumsum(monkeypatch, dtype):
+    """WIDEN's per-column sums: the compiled pass gives the cumulative sum's bits, in one band or in
+    bands fed in row order."""
+    from streammerge.methods._stats import ColumnProducts
+
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(700, 333, generator=g).to(dtype) for _ in range(3)]
+    pairs = [(0, 0), (1, 1), (1, 0), (2, 2), (2, 0)]
+
+    def run(cuts):
+        acc = ColumnProducts(333, pairs)
+        for lo, hi in zip(cuts, cuts[1:]):
+            acc.add([x[lo:hi] for x in xs])
+        return acc.acc
+
+    ref, got = both(monkeypatch, lambda: run([0, 700]))
+    assert torch.equal(got, ref)
+    assert torch.equal(run([0, 1, 8, 300, 700]), ref)
+    assert dispatch.choose("dots", "cpu") == "numba"
+
+
 @pytest.mark.parametrize("t", [0.0, 0.3, 0.7314, 1.0, 1.3, -0.2])
 @pytest.mark.parametrize("k", [2, 3, 5])
 def test_stock_blend_is_bit_identical_to_the_eager_chain(monkeypatch, t, k):
