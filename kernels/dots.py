@@ -43,17 +43,8 @@ def segment_dots(a: torch.Tensor, b: torch.Tensor, rounded: bool = False) -> tor
     if a.shape != b.shape or a.dim() != 2 or a.dtype != b.dtype:
         raise ValueError(f"segment_dots needs two [rows, m] tensors of one dtype; got {tuple(a.shape)} "
                          f"{a.dtype} and {tuple(b.shape)} {b.dtype}")
-    impl = dispatch.choose("dots", a.device)
-    if impl == "numba" and a.dtype in _BITS:
-        from ._numba import dots as kernel
-
-        signed, unsigned, shift = _BITS[a.dtype]
-        rows, m = a.shape
-        out = torch.empty(rows * -(-m // SEGMENT), dtype=torch.float64)
-        bits = [t.contiguous().view(signed).numpy().view(unsigned) for t in (a, b)]
-        kernel.segment_dots(*bits, bool(rounded), shift, SEGMENT, out.numpy())
-        dispatch.ran("dots", impl, a.device)
-        return out
+    if _compiled([a, b]):
+        return gram_segments([a, b], None, [(0, 1)], {(0, 1)} if rounded else ())[0]
     dispatch.ran("dots", "torch", a.device)
     prod = (a * b).double() if rounded else a.double() * b.double()
     return segment_sums(prod)
@@ -69,20 +60,19 @@ def gram_segments(xs: Sequence[torch.Tensor], base: torch.Tensor | None, pairs: 
     were nine passes over memory and three bf16 tensors). Same bits as the unfused calls.
     """
     inputs = [*xs] if base is None else [*xs, base]
-    same = all(x.shape == xs[0].shape and x.dtype == xs[0].dtype and x.dim() == 2 for x in inputs)
-    if same and xs[0].dtype in _BITS and dispatch.choose("dots", xs[0].device) == "numba":
+    if _compiled(inputs):
         import numpy as np
 
         from ._numba import dots as kernel
 
-        signed, unsigned, shift = _BITS[xs[0].dtype]
         rows, m = xs[0].shape
         out = torch.empty(len(pairs), rows * -(-m // SEGMENT), dtype=torch.float64)
-        bits = [t.contiguous().view(signed).numpy().view(unsigned) for t in inputs]
+        bits = [_as_bits(t) for t in inputs]
         kernel.gram_segments(tuple(bits[:len(xs)]), bits[-1] if base is not None else bits[0][:1],
                              base is not None, np.array([i for i, _ in pairs], np.int64),
                              np.array([j for _, j in pairs], np.int64),
-                             np.array([p in rounded for p in pairs], np.bool_), shift, SEGMENT, out.numpy())
+                             np.array([p in rounded for p in pairs], np.bool_), _BITS[xs[0].dtype][2], SEGMENT,
+                             out.numpy())
         dispatch.ran("dots", "numba", xs[0].device)
         return out
     vs = list(xs) if base is None else [x - base for x in xs]
@@ -94,17 +84,25 @@ def column_products(xs: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]]
     from ``[rows, m]`` inputs; ``acc``: float64 ``[len(pairs), m]``. The same bits as a cumulative sum down
     each column of the float64 products. Returns False, doing nothing, where there is no compiled path
     (the caller then runs its torch reference)."""
-    if not (xs and all(x.shape == xs[0].shape and x.dtype == xs[0].dtype and x.dim() == 2 for x in xs)
-            and xs[0].dtype in _BITS and acc.dtype == torch.float64 and acc.is_contiguous()
-            and acc.device.type == "cpu" and dispatch.choose("dots", xs[0].device) == "numba"):
+    if not (xs and _compiled(xs) and acc.dtype == torch.float64 and acc.is_contiguous() and acc.device.type == "cpu"):
         return False
     import numpy as np
 
     from ._numba import dots as kernel
 
-    signed, unsigned, shift = _BITS[xs[0].dtype]
-    bits = tuple(t.contiguous().view(signed).numpy().view(unsigned) for t in xs)
-    kernel.column_products(bits, np.array([i for i, _ in pairs], np.int64), np.array([j for _, j in pairs], np.int64),
-                           shift, acc.numpy())
+    kernel.column_products(tuple(_as_bits(t) for t in xs), np.array([i for i, _ in pairs], np.int64),
+                           np.array([j for _, j in pairs], np.int64), _BITS[xs[0].dtype][2], acc.numpy())
     dispatch.ran("dots", "numba", xs[0].device)
     return True
+
+
+def _compiled(xs: Sequence[torch.Tensor]) -> bool:
+    """Whether the numba kernels take these inputs: [rows, m] tensors of one shape and a dtype they decode."""
+    return (all(x.shape == xs[0].shape and x.dtype == xs[0].dtype and x.dim() == 2 for x in xs)
+            and xs[0].dtype in _BITS and dispatch.choose("dots", xs[0].device) == "numba")
+
+
+def _as_bits(t: torch.Tensor):
+    """The unsigned bit pattern of a bf16 or fp32 tensor as a numpy array (shares memory when contiguous)."""
+    signed, unsigned, _ = _BITS[t.dtype]
+    return t.contiguous().view(signed).numpy().view(unsigned)

@@ -6,21 +6,10 @@ import numba as nb
 import numpy as np
 
 from ._bits import bf2f, f2bf
+from .dots import _LANES, fold
 from .philox import _fill
 
 _ABS = np.uint16(0x7FFF)
-# Element c of a row adds into lane c % _LANES; the lanes are then added in order. An array of lanes
-# vectorizes (~0.13 ns an element where four scalar accumulators took ~0.55), and the order is still
-# fixed by position in the row, so banding never changes a sum.
-_LANES = 64
-
-
-@nb.njit(inline="always", nogil=True, cache=True)
-def _fold(acc):
-    t = 0.0
-    for lane in range(_LANES):
-        t += acc[lane]
-    return t
 
 
 @nb.njit(inline="always", nogil=True, cache=True)
@@ -49,14 +38,14 @@ def _row_sums(row, keep, has_keep, acc, acc_kept):
         acc[c - whole] += _mag(row[c])
         if has_keep:
             acc_kept[c - whole] += _mag(row[c] & (np.uint16(0) - np.uint16(keep[c])))
-    return _fold(acc), _fold(acc_kept)
+    return fold(acc), fold(acc_kept)
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
 def row_l1_bf16(d, mask, l1, kept):
     """``l1[k, r] = Σ_c |d[k, r, c]|``, ``kept[k, r]`` the same over ``mask`` (or all when it is empty).
 
-    float64 sums in a fixed order per row (see ``_LANES``), so banding never changes a sum.
+    float64 sums in a fixed order per row (see ``dots._LANES``), so banding never changes a sum.
     """
     k_models, rows, n = d.shape
     has_mask = mask.shape[0] > 0

@@ -129,7 +129,6 @@ def mix_bf16(out, base, ds, from_experts, mask, seed, streams, start, limits, ca
                 v = rnd(wacc[j])
                 wacc[j] = one if v == zero else v
         ob = out[t0:t0 + m]
-        bb = base[t0:t0 + m]
         for j in range(m):
             mixed = rnd(acc[j])
             if normalize:
