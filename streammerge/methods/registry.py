@@ -70,12 +70,14 @@ class TensorJob:
     seed: int
     kind: str = "other"                   # "embedding", "lm_head", "layer", "other"
     row_elems: int = 1
+    rows_per_chunk: int = 0               # rows per band (0: unknown); a tensor of one band is read once
 
     @classmethod
     def from_plan(cls, t: "TensorPlan", seed: int) -> "TensorJob":
         return cls(name=t.name, shape=t.shape, rows=t.rows, compute_dtype=t.compute_dtype, base=t.base,
                    params=dict(t.params), model_params=tuple(dict(m) for m in t.model_params),
-                   model_ids=tuple(s.model for s in t.inputs), seed=seed, kind=t.kind, row_elems=t.row_elems)
+                   model_ids=tuple(s.model for s in t.inputs), seed=seed, kind=t.kind, row_elems=t.row_elems,
+                   rows_per_chunk=t.rows_per_chunk)
 
     @property
     def compute_code(self) -> str:

@@ -38,9 +38,6 @@ row_l1, dare_row_l1 = lazy_names("streammerge.kernels.norms", "row_l1", "dare_ro
 (scratch,) = lazy_names("streammerge.kernels.scratch", "scratch")
 
 RESCALE_EPS = 1e-7
-# DARE's rescale pass hands its packed keep bits to the map when a tensor's bits, all models together,
-# fit in this many bytes (24.6 MB for a 32000 x 2048 embedding of three models); larger ones draw again.
-_KEEP_CACHE_BYTES = 64 << 20
 
 
 def _density_check(v: Any) -> str | None:
@@ -360,15 +357,17 @@ def _della_masks(job: TensorJob, d: torch.Tensor, row0: int) -> torch.Tensor | N
 
 
 def _dare_update(state: dict, job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
-    """The DARE rescale sums straight from the inputs, expert by expert (same sums as the δ/mask path),
-    keeping the keep bits it drew (packed, by the chunk's first row) for the map, up to
-    `_KEEP_CACHE_BYTES` per tensor: reading them back costs less than drawing them again."""
+    """The DARE rescale sums straight from the inputs, expert by expert (same sums as the δ/mask path).
+    For a tensor of one band, whose map runs next on the same in-memory band, it keeps the keep bits it
+    drew (packed, by the chunk's first row: K bits an element, a sixteenth of the band's bf16 inputs)
+    for the map to read instead of drawing again; a tensor of several bands draws again rather than
+    hold a whole tensor's bits between its passes."""
     base = chunks[job.base]
     rows = base.shape[0] if base.dim() >= 2 and len(job.shape) >= 2 else 1
     base = base.reshape(rows, -1)
     start = _flat_start(job, row0)
     others = [i for i in range(len(chunks)) if i != job.base]
-    keep = len(others) * job.numel <= 8 * _KEEP_CACHE_BYTES
+    keep = job.rows_per_chunk >= job.rows
     bits = [np.empty(-(-base.numel() // 8), np.uint8) if keep and _needs_mask(job, i) else None for i in others]
     parts = [dare_row_l1(chunks[i].reshape(rows, -1), base, job.seed, stream_id(job.model_ids[i], job.name), start,
                          _dare_p(job, i) if _needs_mask(job, i) else None, packed)
@@ -463,7 +462,8 @@ def _make(name: str, sparsify: str | None, consensus: bool, normalize: bool, res
             scale = stats[-1]["scale"] if job.params["rescale"] else None
         elif sparsify in ("random", "della"):
             if sparsify == "random":
-                mask = _keep_draw(job, row0, stats[-1].get("keep", {}).get(row0) if stats else None)
+                # pop: the bits of each chunk are freed as soon as its map has them
+                mask = _keep_draw(job, row0, stats[-1]["keep"].pop(row0, None) if stats else None)
             else:
                 _, _, d = _deltas(job, chunks)
                 mask = _della_masks(job, d, row0)
