@@ -180,16 +180,28 @@ def parse_config(doc: Any, source: str = "config") -> MergeConfig:
 
 
 def load_config(path: str | os.PathLike) -> MergeConfig:
+    """Read and validate a config file (read once: see `read_config_text`)."""
+    path = Path(path)
+    return load_config_text(read_config_text(path), str(path))
+
+
+def read_config_text(path: str | os.PathLike) -> str:
+    """The config file's text, read once: the run plans from it and the output folder documents it, so
+    a file edited or deleted during the run changes neither."""
     path = Path(path)
     try:
-        text = path.read_text()
+        return path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+
+
+def load_config_text(text: str, source: str = "config") -> MergeConfig:
+    """Parse and validate config text; `source` names it in errors."""
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_config(doc, str(path))
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    return parse_config(doc, source)
 
 
 def resolve_model_path(ref: str, config_dir: Path | None) -> Path:
