@@ -1,9 +1,10 @@
 """One merge, end to end: config -> plan -> execute -> commit the output folder.
 
-Commit order makes an interrupted run safe: shards appear under their final names only when complete,
-then tokenizer files and the model card, then config.json, and the index last, so no loader mistakes a
-partial folder for a finished model. A manifest in `OUT/.streammerge/` records finished shards for
-`--resume`.
+Commit order makes an interrupted run safe: the lock and the manifest come first (so `--resume`
+accepts any folder a run started), shards appear under their final names only when complete, then
+tokenizer files and the model card, then config.json, and the index last, so no loader mistakes a
+partial folder for a finished model. The manifest in `OUT/.streammerge/` records each finished shard's
+size and checksum for `--resume`. The config file is read once: what the folder says about it is what ran.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .config import MergeConfig, load_config
-from .errors import OutputError, ResumeError
-from .io import checkpoint
-from .io.writer import write_json_atomic
+from .config import MergeConfig, load_config_text, read_config_text
+from .errors import CheckpointError, OutputError, ResumeError
+from .io import checkpoint, outdir
+from .io.checksum import file_digest
+from .io.outdir import MANIFEST_DIR, check_report_path  # noqa: F401  (check_report_path: public, for the CLI)
+from .io.writer import fsync_dir, write_json_atomic
 from .options import RunOptions, default_max_gpu_memory
 from .plan.build import build_plan
 from .plan.ir import Plan
@@ -29,13 +32,11 @@ from .report import RunReport, ShardReport, peak_rss_bytes
 if TYPE_CHECKING:
     import torch
 
-MANIFEST_DIR = ".streammerge"
-
 
 def check(config_path: str | os.PathLike, options: RunOptions | None = None) -> Plan:
     """Validate the config against the checkpoints' headers and return the plan; reads no tensor data."""
     options = options or RunOptions()
-    return build_plan(load_config(config_path), config_path, options)
+    return build_plan(load_config_text(read_config_text(config_path), str(config_path)), config_path, options)
 
 
 def plan_fingerprint(plan: Plan, config: MergeConfig) -> str:
@@ -76,87 +77,161 @@ def _with_gpu_budget(options: RunOptions) -> RunOptions:
     return dataclasses.replace(options, max_gpu_memory=default_max_gpu_memory(total))
 
 
-def prepare_out_dir(out: Path, plan: Plan, options: RunOptions) -> None:
+def _input_files(plan: Plan) -> list[Path]:
+    """Every file the run reads from an input model: shards, config.json, tokenizer and generation files."""
+    files = {s.info.file for t in plan.tensors for s in t.inputs}
+    for m in plan.models:
+        for name in ("config.json", *checkpoint.TOKENIZER_FILES, *checkpoint.GENERATION_FILES):
+            if os.path.lexists(Path(m) / name):
+                files.add(Path(m) / name)
+    return sorted(files)
+
+
+def prepare_out_dir(out: Path, plan: Plan, options: RunOptions, fingerprint: str,
+                    config_path: str | os.PathLike | None = None) -> outdir.OutputLock:
+    """Check the folder may be used, lock it, write a fresh manifest (unless resuming), then with
+    --overwrite delete what an earlier merge wrote there and nothing else: the folder holds a marker at
+    every moment, so a run stopped anywhere here is resumable. Returns the held lock; the caller
+    releases it once the index is written."""
     out_abs = out.resolve()
     for m in plan.models:
         m_abs = Path(m).resolve()
         if out_abs == m_abs or m_abs in out_abs.parents or out_abs in m_abs.parents:
             raise OutputError(f"output folder {out} overlaps input model {m}; choose a folder outside every input")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a folder")
-    if options.resume and out.exists() and any(out.iterdir()) and not (out / MANIFEST_DIR / "manifest.json").exists():
-        raise ResumeError(f"--resume: {out} holds files but no {MANIFEST_DIR}/manifest.json, so it was not started by "
-                          "streammerge; run without --resume into an empty folder")
-    if out.exists() and any(out.iterdir()) and not options.resume:
-        if not options.overwrite:
-            raise OutputError(f"output folder {out} exists and is not empty; pass --overwrite to replace it "
-                              "or --resume to continue an interrupted merge into it")
-        looks_like_output = (out / MANIFEST_DIR).exists() or any(out.glob("*.safetensors")) or \
-            any(out.glob("*.partial"))
-        if not looks_like_output:
-            raise OutputError(f"output folder {out} holds files that are not a merge output; refusing to delete "
-                              "them with --overwrite. Pick an empty or new folder")
-        shutil.rmtree(out)
-    _check_free_disk(out, plan, options)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST_DIR).mkdir(exist_ok=True)
+    outdir.check_outside(out, [*([config_path] if config_path else []), *_input_files(plan)])
+    state = outdir.check_folder(out, options.overwrite, options.resume)
+    _check_free_disk(out, plan, options, state)
+    lock = outdir.OutputLock(out).acquire()
+    try:
+        if not options.resume:
+            write_json_atomic(outdir.manifest_path(out), {"fingerprint": fingerprint, "shards": {}})
+            if state in ("streammerge", "mergekit"):
+                outdir.clear_output(out, [s.filename for s in plan.shards])
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
-def _check_free_disk(out: Path, plan: Plan, options: RunOptions) -> None:
-    """Refuse before any work when the output's filesystem cannot hold the planned shards."""
+def _check_free_disk(out: Path, plan: Plan, options: RunOptions, state: str) -> None:
+    """Refuse before any work (before the folder is created) when its filesystem cannot hold the
+    shards still to write: a resume keeps the shards there, an overwrite frees what it deletes."""
     probe = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), Path("/"))
     free = shutil.disk_usage(probe).free
-    done = sum(s.nbytes for s in plan.shards if (out / s.filename).exists()) if options.resume else 0
-    need = plan.bytes_out - done + (1 << 20)
+    if options.resume:
+        kept_or_freed = sum(s.nbytes for s in plan.shards if (out / s.filename).is_file())
+    elif state in ("streammerge", "mergekit"):
+        kept_or_freed = sum(f.lstat().st_size for f in outdir.merge_files(out, [s.filename for s in plan.shards])
+                            if not f.is_symlink())
+    else:
+        kept_or_freed = 0
+    need = plan.bytes_out - kept_or_freed + (1 << 20)
     if free < need:
         raise OutputError(f"output folder {out}: the merge writes {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB "
                           f"are free on its filesystem; free space or choose another folder")
 
 
-def _load_manifest(out: Path, fingerprint: str, plan: Plan) -> frozenset[int]:
-    path = out / MANIFEST_DIR / "manifest.json"
-    if not path.exists():
-        raise ResumeError(f"--resume: {path} not found; {out} was not started by streammerge (run without --resume)")
-    doc = json.loads(path.read_text())
-    if doc.get("fingerprint") != fingerprint:
+def _finished_shards(out: Path, fingerprint: str, plan: Plan) -> tuple[frozenset[int], dict, list[str]]:
+    """The shards a --resume keeps: recorded in the manifest, a regular file, the recorded size and
+    checksum. One that fails is our own file, so it is deleted and merged again, with a warning."""
+    doc = outdir.read_manifest(out)
+    if doc["fingerprint"] != fingerprint:
         raise ResumeError(f"--resume: the manifest in {out} was written for a different config, inputs or shard "
                           "layout; run with --overwrite to start again")
-    done = set()
+    done, records, warnings = set(), {}, []
     for i, shard in enumerate(plan.shards):
+        rec = doc["shards"].get(shard.filename)
+        if rec is None:
+            continue
         f = out / shard.filename
-        rec = doc.get("shards", {}).get(shard.filename)
-        if rec and f.exists() and f.stat().st_size == rec["size"]:
+        problem = _shard_problem(f, rec)
+        if problem is None:
             done.add(i)
-    return frozenset(done)
+            records[shard.filename] = rec
+            continue
+        warnings.append(f"--resume: {f} {problem}; merging it again")
+        if os.path.lexists(f):
+            f.unlink()
+    return frozenset(done), records, warnings
+
+
+def _config_json_warnings(plan: Plan) -> list[str]:
+    """config.json comes from the reference model only; say so when it has none but another model does,
+    rather than write a folder transformers cannot load without a word."""
+    if plan.out_config is not None or not plan.models:
+        return []
+    ref = Path(plan.models[plan.reference_model])
+    others = [str(m) for m in plan.models if (Path(m) / "config.json").is_file()]
+    if not others:
+        return []
+    return [f"the output has no config.json: the reference model {ref} (base_model, else the first model) has "
+            f"none, while {others[0]} has one; copy a config.json into the output (its layer count and dtype "
+            "adjusted), or put a config.json in the reference model"]
+
+
+def _shard_problem(f: Path, rec: dict) -> str | None:
+    if f.is_symlink():
+        return "is a symbolic link, not the shard this merge wrote"
+    if not f.is_file():
+        return "is missing" if not f.exists() else "is not a regular file"
+    size = f.stat().st_size
+    if size != rec["size"]:
+        return f"is {size} bytes, not the {rec['size']} recorded when it was written"
+    if not rec.get("checksum"):
+        return None  # recorded without a checksum: the size is all there is to check
+    try:
+        digest = file_digest(f)
+    except (CheckpointError, OSError) as e:
+        return f"cannot be read back as a shard ({str(e)[:120]})"
+    if digest != rec["checksum"]:
+        return "does not match the checksum recorded when it was written (its bytes changed since)"
+    return None
 
 
 def run(config_path: str | os.PathLike, out: str | os.PathLike, options: RunOptions | None = None,
         on_start: Callable[[Plan], None] | None = None, on_progress: Callable[[int], None] | None = None) -> RunReport:
     """Merge as the config says into `out`; returns the run report."""
-    from .execute import Executor  # before planning: torch is part of the memory baseline the plan measures
+    from . import execute  # noqa: F401  before planning: torch is part of the memory baseline the plan measures
 
     options = _with_gpu_budget(options or RunOptions())
     t0 = time.perf_counter()
-    config = load_config(config_path)
+    text = read_config_text(config_path)
+    config = load_config_text(text, str(config_path))
     plan = build_plan(config, config_path, options)
     device = _resolve_device(options.device)
     out = Path(out)
-    prepare_out_dir(out, plan, options)
     fingerprint = plan_fingerprint(plan, config)
-    manifest_path = out / MANIFEST_DIR / "manifest.json"
-    skip = _load_manifest(out, fingerprint, plan) if options.resume and manifest_path.exists() else frozenset()
-    manifest = {"fingerprint": fingerprint, "shards": {}}
-    if skip:
-        manifest = json.loads(manifest_path.read_text())
+    lock = prepare_out_dir(out, plan, options, fingerprint, config_path)
+    try:
+        return _run_locked(plan, config, text, out, fingerprint, device, options, t0, on_start, on_progress)
+    finally:
+        lock.release()
+
+
+def _run_locked(plan: Plan, config: MergeConfig, text: str, out: Path, fingerprint: str, device: torch.device,
+                options: RunOptions, t0: float, on_start: Callable[[Plan], None] | None,
+                on_progress: Callable[[int], None] | None) -> RunReport:
+    from .execute import Executor
+
+    manifest_path = outdir.manifest_path(out)
+    skip, records, warnings = frozenset(), {}, []
+    if options.resume and manifest_path.exists():
+        skip, records, warnings = _finished_shards(out, fingerprint, plan)
+    manifest = {"fingerprint": fingerprint, "shards": records}
     write_json_atomic(manifest_path, manifest)
     for stale in out.glob("*.partial"):
         stale.unlink()
+    warnings += _config_json_warnings(plan)
+    if warnings:
+        plan = dataclasses.replace(plan, warnings=(*plan.warnings, *warnings))
     if on_start:
         on_start(plan)
 
     def shard_done(i: int, stats) -> None:
         f = out / plan.shards[i].filename
-        manifest["shards"][plan.shards[i].filename] = {"size": f.stat().st_size}
+        # the executor's streamed checksum; read back only where it gives none
+        checksum = getattr(stats, "checksum", "") or file_digest(f)
+        manifest["shards"][plan.shards[i].filename] = {"size": f.stat().st_size, "checksum": checksum}
         write_json_atomic(manifest_path, manifest)
 
     executor = Executor(plan, out, device, options.prefetch, skip, on_progress, shard_done, options.check_nonfinite,
@@ -165,7 +240,7 @@ def run(config_path: str | os.PathLike, out: str | os.PathLike, options: RunOpti
 
     dispatch.reset()
     result = executor.run()
-    _finish_folder(out, plan, config, config_path, options)
+    _finish_folder(out, plan, config, text, options)
     shards = [ShardReport(s.filename, s.bytes_read, s.bytes_written, s.seconds, skipped=i in skip, read_s=s.read_s,
                           h2d_s=s.h2d_s, compute_s=s.compute_s, d2h_s=s.d2h_s, write_s=s.write_s)
               for i, s in enumerate(result.shards)]
@@ -174,14 +249,19 @@ def run(config_path: str | os.PathLike, out: str | os.PathLike, options: RunOpti
                      warnings=list(plan.warnings), kernels=dispatch.used())
 
 
-def _finish_folder(out: Path, plan: Plan, config: MergeConfig, config_path, options: RunOptions) -> None:
+def _finish_folder(out: Path, plan: Plan, config: MergeConfig, config_text: str, options: RunOptions) -> None:
+    """The files around the shards, from the config text the run planned from (never re-read); the
+    folder is fsynced before the index goes in, and after, so a power loss keeps the commit order."""
     if options.copy_tokenizer and plan.tokenizer_model is not None:
         checkpoint.copy_tokenizer(Path(plan.models[plan.tokenizer_model]), out, config.chat_template)
     if options.write_model_card:
-        raw = Path(config_path).read_text() if config_path else checkpoint.dump_yaml(config.model_dump(exclude_none=True))
-        checkpoint.write_model_card(out, raw, plan.method, [str(m) for m in plan.models])
+        checkpoint.write_model_card(out, config_text, plan.method, [str(m) for m in plan.models])
     if plan.out_config is not None:
         checkpoint.write_config(out, plan.out_config)
+    if options.fsync:
+        fsync_dir(out)
     if len(plan.shards) > 1:
         weight_map = {name: s.filename for s in plan.shards for name in s.tensors}
         checkpoint.write_index(out, weight_map, sum(s.nbytes for s in plan.shards))
+        if options.fsync:
+            fsync_dir(out)
