@@ -103,6 +103,7 @@ def prepare_out_dir(out: Path, plan: Plan, options: RunOptions, fingerprint: str
     _check_free_disk(out, plan, options, state)
     lock = outdir.OutputLock(out).acquire()
     try:
+        outdir.remove_partials(out)
         if not options.resume:
             write_json_atomic(outdir.manifest_path(out), {"fingerprint": fingerprint, "shards": {}})
             if state in ("streammerge", "mergekit"):
@@ -219,8 +220,6 @@ def _run_locked(plan: Plan, config: MergeConfig, text: str, out: Path, fingerpri
         skip, records, warnings = _finished_shards(out, fingerprint, plan)
     manifest = {"fingerprint": fingerprint, "shards": records}
     write_json_atomic(manifest_path, manifest)
-    for stale in out.glob("*.partial"):
-        stale.unlink()
     warnings += _config_json_warnings(plan)
     if warnings:
         plan = dataclasses.replace(plan, warnings=(*plan.warnings, *warnings))

@@ -114,6 +114,16 @@ def clear_output(out: Path, planned: Iterable[str] = ()) -> list[str]:
     return gone
 
 
+def remove_partials(out: Path) -> None:
+    """Unlink the in-progress files a stopped run left (`*.partial`, here and in `.streammerge/`): each
+    is rewritten from scratch, and a stale one could be a link that writing would follow."""
+    for d in (out, out / MANIFEST_DIR):
+        if d.is_dir() and not d.is_symlink():
+            for e in d.iterdir():
+                if e.name.endswith(".partial") and (e.is_symlink() or not e.is_dir()):
+                    e.unlink()
+
+
 def check_folder(out: Path, overwrite: bool, resume: bool) -> str:
     """May this run write into `out`? Nothing is created or deleted here. Returns `folder_state(out)`."""
     if out.exists() and not out.is_dir():

@@ -371,3 +371,16 @@ def test_a_reference_model_without_config_json_is_not_silent(tiny_family, tmp_pa
     report = run(cfg, tmp_path / "out", _opts())
     said = [w for w in report.warnings if "config.json" in w and str(experts[0]) in w]
     assert (tmp_path / "out" / "config.json").exists() or said
+
+
+def test_stale_partials_that_are_links_are_unlinked_not_written_through(tiny_family, tmp_path):
+    cfg, out = _output(tiny_family, tmp_path)
+    victims = [tmp_path / "victim-shard", tmp_path / "victim-manifest"]
+    for v in victims:
+        v.write_text("precious")
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors.partial").symlink_to(victims[0])
+    (out / ".streammerge" / "manifest.json.partial").symlink_to(victims[1])
+    run(cfg, out, _opts(resume=True))
+    assert [v.read_text() for v in victims] == ["precious", "precious"] and load_dir(out)
+    assert not list(out.glob("*.partial")) and not list((out / ".streammerge").glob("*.partial"))
