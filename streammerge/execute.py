@@ -8,6 +8,13 @@ holds at most `prefetch + 1` output bands.
 On CUDA the pools are pinned and the copies are pipelined (`transfer.CudaStage`): the reader uploads
 each band on a copy stream as soon as it is read, the compute stream waits only for that band's
 upload, and results go back into pinned output slots on a download stream that the writer waits for.
+
+A failure in any thread stops the others (pipeline.Halt): every wait on a queue or a pool polls the
+stop flag, and the run raises the first failure. The only waits that do not poll are CUDA event
+synchronizations, which wait for device work already queued, never for another thread.
+
+A tensor with no elements ([0], [N, 0]) is never read, computed or written: its header entry is all
+of it (sink.ShardSink commits a shard of only such tensors up front).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,30 +32,15 @@ import torch
 from .errors import StreammergeError
 from .io.header import DTYPES
 from .io.reader import RowReader
-from .io.writer import OutTensor, ShardWriter
 from .methods import TensorJob, get_method
+from .pipeline import Halt, Stopped
 from .plan.ir import Plan, TensorPlan
+from .sink import ShardSink, ShardStats
 from .transfer import CudaStage
 
+__all__ = ["Executor", "ExecResult", "ShardStats"]
+
 _DONE = object()
-
-
-@dataclass
-class ShardStats:
-    filename: str
-    bytes_read: int = 0
-    bytes_written: int = 0
-    started: float = 0.0
-    finished: float = 0.0
-    read_s: float = 0.0       # seconds per stage (see report.ShardReport)
-    h2d_s: float = 0.0
-    compute_s: float = 0.0
-    d2h_s: float = 0.0
-    write_s: float = 0.0
-
-    @property
-    def seconds(self) -> float:
-        return max(self.finished - self.started, 0.0)
 
 
 @dataclass
@@ -104,6 +97,11 @@ class _Pool:
             self.free.put(i)
 
 
+def _empty(t: TensorPlan) -> bool:
+    """No elements: nothing to read, compute or write (however many rows a [2**62, 0] tensor claims)."""
+    return t.bytes_out == 0
+
+
 def _band_bytes(t: TensorPlan, rows: int) -> int:
     return sum(rows * s.info.row_bytes for s in t.inputs)
 
@@ -138,8 +136,9 @@ class Executor:
         self.durable = durable
         self.spec = get_method(plan.method)
         self.stats = [ShardStats(s.filename) for s in plan.shards]
-        self.error: BaseException | None = None
-        self.stop = threading.Event()
+        self.halt = Halt()
+        self.stop = self.halt.stop
+        self.sink = ShardSink(plan, out_dir, self.stats, durable, skip_shards, self.on_shard_done)
         slot = max((sum(_aligned(t.rows_per_chunk * s.info.row_bytes) for s in t.inputs) for t in plan.tensors), default=1)
         cuda = device.type == "cuda"
         self.pool = _Pool(self.prefetch + 1, slot, pin=cuda)
@@ -158,7 +157,7 @@ class Executor:
         try:
             with RowReader() as reader:
                 for ti, t in enumerate(self.plan.tensors):
-                    if t.shard in self.skip:
+                    if t.shard in self.skip or _empty(t):
                         continue
                     whole = t.rows_per_chunk >= t.rows
                     pass_groups = [tuple(range(t.passes))] if whole else [(p,) for p in range(t.passes)]
@@ -166,8 +165,6 @@ class Executor:
                         for r0 in range(0, t.rows, t.rows_per_chunk):
                             r1 = min(t.rows, r0 + t.rows_per_chunk)
                             slot = self._take_slot()
-                            if slot is None:
-                                return
                             buf = self.pool.buffers[slot]
                             t0 = time.perf_counter()
                             chunks = _read_band(reader, t, r0, r1, buf)
@@ -176,82 +173,46 @@ class Executor:
                             if self.stage is not None:
                                 band.dev_slot = self.stage.take_slot(self.stop)
                                 if band.dev_slot is None:
-                                    return
+                                    raise Stopped
                                 band.chunks, band.ready = self.stage.upload(chunks, band.dev_slot, slot, t.shard)
-                            self._put(self.bands, band)
-        except BaseException as e:  # surfaced by the main thread
-            self.error = self.error or e
-        finally:
-            self._put(self.bands, _DONE, force=True)
+                            self.halt.put(self.bands, band)
+            self.halt.put(self.bands, _DONE)
+        except BaseException as e:  # the first failure of any thread is the run's
+            self.halt.fail(e)
 
-    def _take_slot(self) -> int | None:
-        while not self.stop.is_set():
+    def _take_slot(self) -> int:
+        while True:
+            self.halt.check()
             if self.stage is not None:  # host slots come back once their uploads are done
                 self.stage.reclaim(self.pool.free, block=self.pool.free.empty())
             try:
                 return self.pool.free.get(timeout=0.1)
             except queue.Empty:
                 continue
-        return None
-
-    def _put(self, q: queue.Queue, item: object, force: bool = False) -> None:
-        while True:
-            if self.stop.is_set() and not force:
-                return
-            try:
-                q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                if force and self.stop.is_set():
-                    try:
-                        q.get_nowait()
-                    except queue.Empty:
-                        pass
 
     # -- writer ---------------------------------------------------------------------------------------
     def _write_all(self) -> None:
-        writers: dict[int, ShardWriter] = {}
-        remaining = {i: s.nbytes for i, s in enumerate(self.plan.shards)}
-        tensors = {t.name: t for t in self.plan.tensors}
         try:
             while True:
-                item = self.writes.get()
+                item = self.halt.get(self.writes)
                 if item is _DONE:
                     break
                 shard, name, offset, data, out_slot, fence = item
                 if fence is not None and not fence.wait() and name not in self.nonfinite:
                     self.nonfinite.append(name)
-                t0 = time.perf_counter()
-                w = writers.get(shard)
-                if w is None:
-                    sp = self.plan.shards[shard]
-                    outs = [OutTensor(n, tensors[n].out_dtype, tensors[n].shape) for n in sp.tensors]
-                    w = writers[shard] = ShardWriter(self.out_dir / sp.filename, outs, {"format": "pt"}, self.durable)
-                n = w.write(name, offset, data)
+                self.sink.write(shard, name, offset, data)
                 if out_slot is not None:
                     self.out_pool.free.put(out_slot)
-                self.stats[shard].bytes_written += n
-                remaining[shard] -= n
-                if remaining[shard] == 0:
-                    w.commit()
-                    del writers[shard]
-                    self.stats[shard].finished = time.perf_counter()
-                    self.stats[shard].write_s += self.stats[shard].finished - t0
-                    self.on_shard_done(shard, self.stats[shard])
-                else:
-                    self.stats[shard].write_s += time.perf_counter() - t0
-        except BaseException as e:
-            self.error = self.error or e
-            self.stop.set()
+            self.sink.finish()
+        except BaseException as e:  # a full disk among them: the compute and the reader stop too
+            self.halt.fail(e)
         finally:
-            for w in writers.values():
-                w.abort()
+            self.sink.abort()
 
     # -- compute --------------------------------------------------------------------------------------
     def run(self) -> ExecResult:
-        for i, sp in enumerate(self.plan.shards):
-            if sp.nbytes == 0 and i not in self.skip:
-                ShardWriter(self.out_dir / sp.filename, [], {"format": "pt"}).commit()
+        """Run the plan; raises the first failure of any thread (after every thread has stopped)."""
+        self.sink.commit_empty()
         _bound_malloc()
         threads = torch.get_num_threads()
         if self.spec.row_local and self.device.type == "cpu" and threads > 1:
@@ -272,19 +233,19 @@ class Executor:
         writer.start()
         try:
             self._compute_loop()
-        except BaseException:
-            self.stop.set()
-            raise
+            self.halt.put(self.writes, _DONE)
+        except BaseException as e:
+            self.halt.fail(e)
         finally:
-            self._put(self.writes, _DONE, force=True)
-            writer.join()
-            self.stop.set()
-            reader.join()
+            try:
+                writer.join()
+            finally:  # an interrupt in the join still stops the other threads
+                self.stop.set()  # the reader has finished unless the run failed
+                reader.join()
             if self.workers is not None:
-                self.workers.shutdown()
+                self.workers.shutdown(cancel_futures=True)
                 torch.set_num_threads(threads)
-        if self.error is not None:
-            raise self.error
+        self.halt.raise_first()
         if self.stage is not None:
             self.stage.collect(self.stats, wait=True)
         return ExecResult(self.stats, self.nonfinite, str(self.device))
@@ -294,11 +255,9 @@ class Executor:
         states: dict[int, object] = {}
         stats: dict[int, list] = {}
         while True:
-            band = self.bands.get()
+            band = self.halt.get(self.bands)
             if band is _DONE:
                 break
-            if self.error is not None:
-                raise self.error
             t = self.plan.tensors[band.tensor]
             if band.tensor not in jobs:
                 job = TensorJob.from_plan(t, self.plan.seed)
@@ -345,13 +304,14 @@ class Executor:
         with RowReader() as reader:
             for sweep in range(sweeps):
                 for ti, (t, job) in enumerate(zip(self.plan.tensors, jobs)):
-                    for r0 in range(0, t.rows, t.rows_per_chunk):
+                    for r0 in range(0, 0 if _empty(t) else t.rows, t.rows_per_chunk):
                         r1 = min(t.rows, r0 + t.rows_per_chunk)
                         chunks = [c.to(job.compute_dtype) for c in _read_band(reader, t, r0, r1, buf)]
                         mp.update(state, sweep, ti, job, chunks, r0)
                         self.on_progress(_band_bytes(t, r1 - r0))
                 mp.end_sweep(state, sweep)
-        return {ti: mp.result(state, ti, job) for ti, job in enumerate(jobs)}
+        return {ti: mp.result(state, ti, job) for ti, (t, job) in enumerate(zip(self.plan.tensors, jobs))
+                if not _empty(t)}
 
     def _blocks(self, t: TensorPlan, band: Band) -> list[tuple[int, int]]:
         """Row-aligned sub-bands of about the plan's block size, relative to the band."""
@@ -361,10 +321,19 @@ class Executor:
     def _parallel(self, fn, parts: list) -> list:
         """``fn(*part)`` for every part, in order. One task per block, so a worker that the reader or the
         writer slowed down takes fewer blocks (a fixed split left the other worker idle at every band's end)."""
+        def task(*p):
+            self.halt.check()  # another thread failed: the rest of this band is not worth computing
+            return fn(*p)
+
         if self.workers is None or len(parts) < 2:
-            return [fn(*p) for p in parts]
-        futures = [self.workers.submit(fn, *p) for p in parts]
-        return [f.result() for f in futures]
+            return [task(*p) for p in parts]
+        futures: list[Future] = [self.workers.submit(task, *p) for p in parts]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
     def _run_band(self, t: TensorPlan, job: TensorJob, reduces: tuple, band: Band, states: dict, stats: list) -> None:
         cpu = self.device.type == "cpu"
@@ -402,7 +371,7 @@ class Executor:
     def _map(self, t: TensorPlan, job: TensorJob, band: Band, blocks, chunks_of, stats: list) -> None:
         rows = band.r1 - band.r0
         shape = (rows, *t.shape[1:]) if len(t.shape) >= 2 else t.shape
-        out_slot = self.out_pool.free.get()
+        out_slot = self.halt.get(self.out_pool.free)
         dtype = DTYPES[t.out_dtype][0]
         n = rows * t.row_elems if len(t.shape) >= 2 else t.row_elems
         out = self.out_pool.buffers[out_slot][: n * DTYPES[t.out_dtype][1]].view(dtype).reshape(shape)
@@ -426,7 +395,7 @@ class Executor:
             if self.stage is not None:  # one block: the whole band, copied back on the download stream
                 fence = self.stage.download(result(0, rows).to(dtype), out, t.shard, self.check_nonfinite)
                 offset = band.r0 * t.row_elems * DTYPES[t.out_dtype][1]
-                self._put(self.writes, (t.shard, t.name, offset, out, out_slot, fence))
+                self.halt.put(self.writes, (t.shard, t.name, offset, out, out_slot, fence))
                 return
             finite = all(self._parallel(work, blocks))
         except BaseException:
@@ -444,5 +413,5 @@ class Executor:
             out = out.cpu()
         offset = band.r0 * t.row_elems * DTYPES[t.out_dtype][1]
         t0 = time.perf_counter()
-        self._put(self.writes, (t.shard, t.name, offset, out.contiguous(), out_slot, None))
+        self.halt.put(self.writes, (t.shard, t.name, offset, out.contiguous(), out_slot, None))
         self._write_wait += time.perf_counter() - t0

@@ -1,13 +1,16 @@
 """Write planned shards: header first, data by pwrite as chunks finish, fsync, atomic rename.
 
 The header is fully known up front (names, dtypes, shapes are planned), so each tensor's absolute file
-offset is fixed before any data exists and chunks can land in any order. The file is named
-`<final>.partial` until `commit()`, so an interrupted run never leaves a file under a final name.
+offset is fixed before any data exists and chunks can land in any order (in order per tensor when the
+shard's checksum is kept, as the pipeline does). The file is named `<final>.partial` until `commit()`,
+so an interrupted run never leaves a file under a final name; a durable commit fsyncs the file, renames
+it and fsyncs the folder, so the rename itself survives a power loss.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import math
 import os
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._lazy import lazy_module
+from ..errors import OutputError
+from .checksum import ShardDigest
 from .header import ITEMSIZE
 
 torch = lazy_module("torch")  # only writing tensor data needs it
@@ -85,38 +90,67 @@ def data_offsets_in_order(tensors: list[OutTensor]) -> list[OutTensor]:
     return sorted(tensors, key=lambda t: (-ITEMSIZE[t.dtype], t.name))
 
 
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 class ShardWriter:
     """One output shard being written. Not thread-safe per tensor range, but pwrite of disjoint ranges
-    from several threads is fine."""
+    from several threads is fine (without a checksum: it is fed in order).
+
+    `checksum`: keep `digest` (io.checksum.ShardDigest) of the bytes as they are written; each tensor's
+    chunks must then arrive front to back."""
 
     def __init__(self, final_path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None,
-                 durable: bool = True):
+                 durable: bool = True, checksum: bool = True):
         self.final_path = Path(final_path)
         self.tmp_path = self.final_path.with_name(self.final_path.name + ".partial")
         self.header, self.offsets = build_header(tensors, metadata)
         self.size = len(self.header) + sum(t.nbytes for t in tensors)
         self.durable = durable
+        self.digest = ShardDigest(self.header, self.offsets) if checksum else None
         self.fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self.fd, self.size)
         self._unsynced = 0
         self._behind: collections.deque[tuple[int, int]] = collections.deque()   # written, not yet dropped
         self._behind_bytes = 0
-        self._pwrite(self.header, 0)
+        try:
+            os.ftruncate(self.fd, self.size)
+            self._pwrite(self.header, 0)
+        except BaseException:
+            self.abort()
+            raise
 
     def _pwrite(self, data, offset: int) -> None:
         mv = memoryview(data).cast("B")
-        while len(mv):
-            n = os.pwrite(self.fd, mv, offset)
-            mv = mv[n:]
-            offset += n
+        try:
+            while len(mv):
+                n = os.pwrite(self.fd, mv, offset)
+                mv = mv[n:]
+                offset += n
+        except OSError as e:
+            if e.errno in _FULL:
+                raise self._full(e) from e
+            raise
+
+    def _full(self, e: OSError) -> OutputError:
+        """The error for a full disk (or quota). It says how many more bytes this shard needs: its size less
+        the bytes the filesystem holds for it (st_blocks; the shard is a sparse file of its final size), so
+        it counts what was never written; the whole size when the filesystem claims it is all there."""
+        try:
+            on_disk = os.fstat(self.fd).st_blocks * 512
+        except OSError:
+            on_disk = 0
+        need = self.size - on_disk if on_disk < self.size else self.size
+        return OutputError(f"{os.strerror(e.errno)}: {self.final_path} (need {need} more bytes); free space and "
+                           "run with --resume")
 
     def write(self, name: str, byte_offset: int, chunk: torch.Tensor) -> int:
         """Write a contiguous chunk of tensor `name` starting `byte_offset` bytes into its data."""
-        chunk = chunk.contiguous()
         if chunk.numel() == 0:
             return 0
-        buf = chunk.view(torch.uint8).reshape(-1).numpy() if chunk.dtype != torch.uint8 else chunk.reshape(-1).numpy()
+        buf = chunk.contiguous().reshape(-1).view(torch.uint8).numpy()   # reshape first: a 0-d tensor has no bytes view
         offset = self.offsets[name] + byte_offset
+        if self.digest is not None:
+            self.digest.update(name, byte_offset, buf)
         self._pwrite(buf, offset)
         if self.durable and _SYNC_FILE_RANGE is not None:
             self._writeback(offset, buf.nbytes)
@@ -142,18 +176,32 @@ class ShardWriter:
             os.posix_fadvise(self.fd, off, n, os.POSIX_FADV_DONTNEED)
 
     def commit(self) -> None:
-        """Rename into place; fsync first when durable. Without fsync the rename is still atomic for a
-        killed process (the page cache survives it), only not for a power loss."""
+        """Rename into place; when durable, fsync the file first and the folder after (the rename is then
+        on disk too). Without fsync the rename is still atomic for a killed process (the page cache
+        survives it), only not for a power loss."""
         if self.durable:
-            os.fsync(self.fd)
+            try:
+                os.fsync(self.fd)   # a filesystem that allocates late reports a full disk here
+            except OSError as e:
+                if e.errno in _FULL:
+                    raise self._full(e) from e
+                raise
         os.close(self.fd)
         self.fd = -1
         os.replace(self.tmp_path, self.final_path)
+        if self.durable:
+            fsync_dir(self.final_path.parent)
 
     def abort(self) -> None:
+        """Close and remove the `.partial` file (its bytes are incomplete; on a full disk, the space it
+        took is what the user needs back)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+            try:
+                os.unlink(self.tmp_path)
+            except FileNotFoundError:
+                pass
 
 
 def torch_code(dtype: torch.dtype) -> str:
@@ -163,6 +211,7 @@ def torch_code(dtype: torch.dtype) -> str:
 
 
 def fsync_dir(path: Path) -> None:
+    """Make the renames in `path` durable: a file's fsync does not cover its folder entry."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -147,7 +147,7 @@ def _keys(x: torch.Tensor) -> torch.Tensor:
 
 
 def _sce_reduces(job: TensorJob) -> tuple[Reduce, ...]:
-    if len(job.model_params) == 1:
+    if len(job.model_params) == 1 or job.numel == 0:   # no elements: no statistics (a mean of none divides by 0)
         return ()
     if not _selecting(job):
         return chained(_weights_stage())
@@ -160,6 +160,8 @@ def _sce_reduces(job: TensorJob) -> tuple[Reduce, ...]:
 def _sce_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
     if len(chunks) == 1:
         return chunks[0]
+    if job.numel == 0:
+        return chunks[job.base]
     st = stats[-1]
     base, tv = _task_vectors(job, chunks)
     mask_dtype = torch.int8 if job.params["int8_mask"] else base.dtype
@@ -220,6 +222,8 @@ def sample_positions(seed: int, stream: int, n: int, count: int = _SAMPLE) -> to
 
 
 def _fusion_reduces(job: TensorJob) -> tuple[Reduce, ...]:
+    if job.numel == 0:   # no elements: no quantiles to take
+        return ()
     sampled = job.numel > _SAMPLE
     cache: dict[str, torch.Tensor] = {}
     lock = threading.Lock()
@@ -266,6 +270,8 @@ def _fusion_reduces(job: TensorJob) -> tuple[Reduce, ...]:
 def _fusion_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
     """The importance |f - b| · KL(row) from the KL values the reduce pass kept: no second softmax."""
     b, f = _pair(job, chunks)
+    if job.numel == 0:
+        return b.to(promote_fp32(b.dtype))
     per_row = f.numel() // f.shape[-1] if f.dim() else 1
     first = row0 * job.row_elems // f.shape[-1] if f.dim() >= 2 else 0
     kl = stats[0]["kl"][first:first + per_row].to(f.device).reshape(*f.shape[:-1], 1) if f.dim() else stats[0]["kl"][0]
