@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .._lazy import lazy_module
 from ..errors import CheckpointError
-from .header import TensorInfo, read_header
+from .header import FileStamp, TensorInfo, read_header, require_regular, short
 
 torch = lazy_module("torch")  # only pickled checkpoints and reading rows need it
 
@@ -35,6 +35,7 @@ class ModelFiles:
 
 def _load_json(path: Path) -> dict:
     try:
+        require_regular(path, os.stat(path))  # a FIFO named config.json would block the open
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too deep, digit limit
@@ -53,7 +54,7 @@ def open_model(path: str | os.PathLike) -> ModelFiles:
     if not path.exists():
         raise CheckpointError(f"{path}: model path does not exist; check the path in the config "
                               "(streammerge reads local folders only, it does not download from a hub)")
-    if path.is_file():
+    if not path.is_dir():
         if path.suffix != ".safetensors":
             raise CheckpointError(f"{path}: expected a model folder or a .safetensors file")
         header = read_header(path)
@@ -74,19 +75,19 @@ def open_model(path: str | os.PathLike) -> ModelFiles:
         for fname in files:
             fpath = path / fname
             if not fpath.exists():
-                raise CheckpointError(f"{index}: lists shard {fname!r}, which is missing from {path}; "
+                raise CheckpointError(f"{index}: lists shard {short(fname)}, which is missing from {path}; "
                                       "download the missing shard")
             header = read_header(fpath)
             for name, info in header.tensors.items():
                 if weight_map.get(name) != fname:
-                    raise CheckpointError(f"{fpath}: holds tensor {name!r} that {INDEX_NAME} "
-                                          f"{'does not list' if name not in weight_map else 'assigns to ' + repr(weight_map[name])}; "
+                    raise CheckpointError(f"{fpath}: holds tensor {short(name)} that {INDEX_NAME} "
+                                          f"{'does not list' if name not in weight_map else 'assigns to ' + short(weight_map[name])}; "
                                           "the index and shards disagree, re-export the checkpoint")
                 tensors[name] = info
         missing = [n for n in weight_map if n not in tensors]
         if missing:
             raise CheckpointError(f"{index}: lists {len(missing)} tensor(s) absent from their shard, "
-                                  f"e.g. {missing[0]!r} in {weight_map[missing[0]]!r}; re-download that shard")
+                                  f"e.g. {short(missing[0])} in {short(weight_map[missing[0]])}; re-download that shard")
         return ModelFiles(path, tensors, config, [path / f for f in files])
     single = path / SINGLE_NAME
     if single.exists():
@@ -97,7 +98,7 @@ def open_model(path: str | os.PathLike) -> ModelFiles:
         for f in others:
             for name, info in read_header(f).tensors.items():
                 if name in tensors:
-                    raise CheckpointError(f"{path}: tensor {name!r} is in both {tensors[name].file.name} and {f.name} "
+                    raise CheckpointError(f"{path}: tensor {short(name)} is in both {tensors[name].file.name} and {f.name} "
                                           f"and there is no {INDEX_NAME} to say which is meant; remove the stray file")
                 tensors[name] = info
         return ModelFiles(path, tensors, config, others)
@@ -118,6 +119,8 @@ def _open_pickled(path: Path, bins: list[Path], config: dict | None) -> ModelFil
 
     tensors: dict[str, TensorInfo] = {}
     for f in bins:
+        st = os.stat(f)
+        require_regular(f, st)
         try:
             sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # torch raises many types for bad pickles
@@ -125,25 +128,44 @@ def _open_pickled(path: Path, bins: list[Path], config: dict | None) -> ModelFil
                                   "convert it to safetensors") from None
         for name, t in sd.items():
             if not isinstance(t, torch.Tensor) or t.dtype not in CODE_OF:
-                raise CheckpointError(f"{f}: entry {name!r} is not a tensor of a supported dtype")
+                raise CheckpointError(f"{f}: entry {short(name)} is not a tensor of a supported dtype")
             nbytes = t.numel() * t.element_size()
-            tensors[name] = TensorInfo(name, CODE_OF[t.dtype], tuple(t.shape), 0, nbytes, f)
+            tensors[name] = TensorInfo(name, CODE_OF[t.dtype], tuple(t.shape), 0, nbytes, f, FileStamp.of(st))
     return ModelFiles(path, tensors, config, bins, pickled=True)
 
 
 class RowReader:
-    """Reads row bands; owns its file descriptors (no global cache), closed by `close()`."""
+    """Reads row bands; owns its file descriptors (no global cache), closed by `close()`.
+
+    Each file's identity (`TensorInfo.stamp`, taken when its header was read at plan time) is compared
+    when the file is opened and after every read (an fstat: about a microsecond), so an input replaced
+    or rewritten during the run stops it before a band of changed bytes reaches an output shard. A file
+    renamed over after it was opened is read on from the inode planned: its bytes are still the planned ones."""
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
         self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
 
-    def _fd(self, path: Path) -> int:
+    def _fd(self, path: Path, stamp: FileStamp | None) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = os.open(path, os.O_RDONLY)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            except FileNotFoundError:
+                raise _changed(path, "the file no longer exists") from None
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot be opened ({e.strerror or e}); check the disk and the path") from None
             self._fds[path] = fd
+            self._verify(fd, path, stamp)
         return fd
+
+    @staticmethod
+    def _verify(fd: int, path: Path, stamp: FileStamp | None) -> None:
+        if stamp is None:
+            return
+        what = stamp.change(FileStamp.of(os.fstat(fd)))
+        if what is not None:
+            raise _changed(path, what)
 
     def read_rows(self, info: TensorInfo, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [r0, r1) of a tensor, in its stored dtype, shaped [r1 - r0, *shape[1:]] (whole 0/1-d tensors)."""
@@ -151,6 +173,11 @@ class RowReader:
         if info.file.suffix == ".bin":
             sd = self._pickles.get(info.file)
             if sd is None:
+                if info.stamp is not None:
+                    what = info.stamp.change(FileStamp.of(os.stat(info.file))) if info.file.exists() else \
+                        "the file no longer exists"
+                    if what is not None:
+                        raise _changed(info.file, what)
                 sd = torch.load(info.file, map_location="cpu", weights_only=True, mmap=True)
                 self._pickles[info.file] = sd
             t = sd[info.name]
@@ -161,19 +188,23 @@ class RowReader:
         else:
             out = out.view(torch.uint8).reshape(-1)[:nbytes]
         if nbytes:
-            self.pread_into(info.file, info.begin + r0 * info.row_bytes, out)
+            self.pread_into(info.file, info.begin + r0 * info.row_bytes, out, info.stamp)
         return out.view(info.torch_dtype).reshape(shape)
 
-    def pread_into(self, path: Path, offset: int, out: torch.Tensor) -> None:
-        fd = self._fd(path)
+    def pread_into(self, path: Path, offset: int, out: torch.Tensor, stamp: FileStamp | None = None) -> None:
+        """Fill `out` from `path` at `offset`; with `stamp`, refuse a file that is no longer the one planned
+        (checked after the read, so a change before or during it is seen)."""
+        fd = self._fd(path, stamp)
         mv = memoryview(out.numpy()).cast("B")
         while len(mv):
             n = os.preadv(fd, [mv], offset)
             if n <= 0:
+                self._verify(fd, path, stamp)
                 raise CheckpointError(f"{path}: unexpected end of file at byte {offset}; the file was "
                                       "truncated or changed during the merge")
             mv = mv[n:]
             offset += n
+        self._verify(fd, path, stamp)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -186,3 +217,8 @@ class RowReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _changed(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: changed since the plan was made ({what}); the run stopped, and no output "
+                           "shard holding data read after the change was committed; re-run once the inputs are stable")
