@@ -4,6 +4,8 @@ A parameter value is a scalar, a gradient (a list of numbers interpolated across
 or a list of `{filter, value}` conditions matched in order against the tensor name (a substring match;
 `*` or no filter matches everything). Lookups go from the most specific place to the least: the slice
 source, the model's entry in `models`, the output slice, then the global `parameters`.
+The YAML is loaded within limits (`yaml_limits`), so a "billion laughs" or deeply nested document fails
+at once.
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .yaml_limits import cut as _cut
+from .yaml_limits import load_yaml
 
 Scalar = Union[bool, int, float, str]
+
+MAX_CONFIG_BYTES = 16 << 20
+MAX_LISTED_ERRORS = 20
 
 
 class Condition(BaseModel):
@@ -149,8 +155,13 @@ def _format_validation(err: ValidationError, source: str) -> str:
             msg = f"unknown key{hint}"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"  {key}: {msg}")
-    return f"{source}: invalid merge config:\n" + "\n".join(lines)
+        lines.append(f"  {_cut(key)}: {_cut(msg, 300)}")
+    return f"{source}: invalid merge config:\n" + _listed(lines)
+
+
+def _listed(lines: list[str]) -> str:
+    more = len(lines) - MAX_LISTED_ERRORS
+    return "\n".join(lines[:MAX_LISTED_ERRORS] + ([f"  ... and {more} more"] if more > 0 else []))
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
@@ -174,9 +185,47 @@ def parse_config(doc: Any, source: str = "config") -> MergeConfig:
     if not isinstance(doc, dict):
         raise ConfigError(f"{source}: the config must be a YAML mapping with at least 'merge_method' and 'models' or 'slices'")
     try:
-        return MergeConfig.model_validate(doc)
+        config = MergeConfig.model_validate(doc)
     except ValidationError as e:
         raise ConfigError(_format_validation(e, source)) from None
+    bad = [f"  {_cut(where)}: {value} is not a finite number; give a finite value" for where, value in _non_finite(config)]
+    if bad:
+        raise ConfigError(f"{source}: invalid merge config:\n" + _listed(bad))
+    return config
+
+
+def _parameter_places(config: MergeConfig) -> list[tuple[str, dict | None]]:
+    places: list[tuple[str, dict | None]] = [("parameters", config.parameters)]
+    places += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(config.models or [])]
+    for i, s in enumerate(config.slices or []):
+        places.append((f"slices[{i}].parameters", s.parameters))
+        places += [(f"slices[{i}].sources[{j}].parameters", src.parameters) for j, src in enumerate(s.sources)]
+    return places
+
+
+def _non_finite(config: MergeConfig) -> list[tuple[str, float]]:
+    """Every NaN or infinity among the parameters (scalars, gradients, filter values), with its key path:
+    a NaN weight would merge into an all-NaN model with exit 0."""
+    found: list[tuple[str, float]] = []
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append((where, value))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(value, Condition):
+            walk(value.value, f"{where}.value")
+
+    for where, params in _parameter_places(config):
+        for key, value in (params or {}).items():
+            walk(value, f"{where}.{key}")
+    for i, s in enumerate(config.slices or []):
+        walk(s.residual_weight, f"slices[{i}].residual_weight")
+    return found
 
 
 def load_config(path: str | os.PathLike) -> MergeConfig:
@@ -190,18 +239,27 @@ def read_config_text(path: str | os.PathLike) -> str:
     a file edited or deleted during the run changes neither."""
     path = Path(path)
     try:
-        return path.read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; give the path of a YAML merge config") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, which no merge config is; "
+                          "check that this is the config file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          "save the config as UTF-8") from None
 
 
 def load_config_text(text: str, source: str = "config") -> MergeConfig:
     """Parse and validate config text; `source` names it in errors."""
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {e}") from None
-    return parse_config(doc, source)
+    return parse_config(load_yaml(text, source), source)
 
 
 def resolve_model_path(ref: str, config_dir: Path | None) -> Path:
@@ -239,7 +297,7 @@ def evaluate(value: ParamValue, tensor_name: str, t: float, convert: Callable[[A
     if isinstance(value, (bool, int, float, str)):
         return convert(value)
     if not isinstance(value, list):
-        raise ValueError(f"unexpected parameter value {value!r}")
+        raise ValueError(f"unexpected parameter value {_cut(repr(value))}")
     if not value:
         return None
     if all(isinstance(v, (bool, int, float, str)) for v in value):
@@ -250,7 +308,8 @@ def evaluate(value: ParamValue, tensor_name: str, t: float, convert: Callable[[A
     for item in value:
         c = _as_condition(item)
         if c is None:
-            raise ValueError(f"a list must be all scalars (a gradient) or all {{filter, value}} entries, got {item!r}")
+            raise ValueError(f"a list must be all scalars (a gradient) or all {{filter, value}} entries, "
+                             f"got {_cut(repr(item))}")
         if c.filter is None or c.filter == "*" or (tensor_name and c.filter in tensor_name):
             return evaluate(c.value, tensor_name, t, convert)
     return None
@@ -271,7 +330,7 @@ def check_value_shape(value: ParamValue, key: str) -> None:
     """Reject malformed parameter values at load time, with the key path."""
     if isinstance(value, dict):
         if _as_condition(value) is None:
-            raise ConfigError(f"{key}: a mapping value must be {{filter: ..., value: ...}}, got keys {sorted(value)}")
+            raise ConfigError(f"{key}: a mapping value must be {{filter: ..., value: ...}}, got keys {_cut(str(list(value)))}")
         return
     if isinstance(value, list):
         if not value:
@@ -282,5 +341,5 @@ def check_value_shape(value: ParamValue, key: str) -> None:
             raise ConfigError(f"{key}: a list must be all numbers (a gradient) or all {{filter, value}} entries")
         for i, c in enumerate(conds):
             if _as_condition(c) is None:
-                raise ConfigError(f"{key}[{i}]: expected {{filter: ..., value: ...}}, got keys {sorted(c)}")
+                raise ConfigError(f"{key}[{i}]: expected {{filter: ..., value: ...}}, got keys {_cut(str(list(c)))}")
             check_value_shape(c["value"], f"{key}[{i}].value")
