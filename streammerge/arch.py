@@ -12,10 +12,13 @@ import re
 from dataclasses import dataclass
 
 from .errors import CheckpointError
+from .io.header import clip as _clip
+from .io.header import short
 from .io.reader import ModelFiles
 
 LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|block|layer|decoder_layers))\.(?P<idx>\d+)\.(?P<rest>.+)$")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+MAX_LAYER_DIGITS = 6  # a million layers: any longer index is damage (and int() of 5000 digits raises)
 EMBED_HINTS = ("embed_tokens", "embed_in", "wte", "wpe", "word_embeddings", "tok_embeddings", "embeddings")
 HEAD_HINTS = ("lm_head", "embed_out", "output.weight")
 
@@ -51,19 +54,34 @@ class Arch:
 def config_layer_count(config: dict | None) -> int | None:
     if not config:
         return None
-    for cfg in (config, config.get("text_config") or {}):
+    text = config.get("text_config")
+    for cfg in (config, text if isinstance(text, dict) else {}):
         for key in LAYER_COUNT_KEYS:
-            if isinstance(cfg.get(key), int):
+            if isinstance(cfg.get(key), int) and not isinstance(cfg.get(key), bool):
                 return cfg[key]
     return None
 
 
+def _check_config(model: ModelFiles) -> None:
+    """A config.json whose text_config is not an object is damaged: say so, not a traceback."""
+    cfg = model.config or {}
+    where = model.path / "config.json"
+    text = cfg.get("text_config")
+    if text is not None and not isinstance(text, dict):
+        raise CheckpointError(f"{where}: 'text_config' must be an object, got {type(text).__name__} "
+                              f"({short(text, 40)}); fix config.json or take it from the original model")
+
+
 def infer_arch(model: ModelFiles) -> Arch:
+    _check_config(model)
     prefixes: dict[str, dict[int, list[str]]] = {}
     others: list[str] = []
     for name in model.tensors:
         m = LAYER_RE.match(name)
         if m:
+            if len(m["idx"]) > MAX_LAYER_DIGITS:
+                raise CheckpointError(f"{model.path}: tensor {short(name)} has a layer index of {len(m['idx'])} "
+                                      "digits, which no model has; the checkpoint is damaged, re-download or re-export it")
             prefixes.setdefault(m["prefix"], {}).setdefault(int(m["idx"]), []).append(m["rest"])
         else:
             others.append(name)
@@ -79,20 +97,21 @@ def infer_arch(model: ModelFiles) -> Arch:
     declared = config_layer_count(model.config)
     if declared is not None and layers and declared != count:
         raise CheckpointError(f"{model.path}: config.json says {declared} layers but the weights hold "
-                              f"{count} ('{prefix}.0' .. '{prefix}.{count - 1}'); the checkpoint is incomplete "
+                              f"{count} ('{_clip(prefix)}.0' .. '{_clip(prefix)}.{count - 1}'); the checkpoint is incomplete "
                               "or config.json belongs to another model")
     suffixes: tuple[str, ...] = ()
     if layers:
         first = layers.get(0)
         if first is None:
-            raise CheckpointError(f"{model.path}: layer 0 ('{prefix}.0.*') is missing")
+            raise CheckpointError(f"{model.path}: layer 0 ('{_clip(prefix)}.0.*') is missing")
         suffixes = tuple(sorted(first, key=_suffix_order))
         for i in range(count):
             got = set(layers.get(i, ()))
             if got != set(suffixes):
                 missing = sorted(set(suffixes) - got)
                 extra = sorted(got - set(suffixes))
-                detail = f"missing {prefix}.{i}.{missing[0]}" if missing else f"unexpected {prefix}.{i}.{extra[0]}"
+                detail = _clip(f"missing {prefix}.{i}.{missing[0]}" if missing else f"unexpected {prefix}.{i}.{extra[0]}",
+                               200)
                 raise CheckpointError(f"{model.path}: layer {i} does not hold the same tensors as layer 0 ({detail}); "
                                       "the checkpoint is incomplete or damaged")
     pre = tuple(sorted((n for n in others if any(h in n for h in EMBED_HINTS) and not any(h in n for h in HEAD_HINTS))))
@@ -109,3 +128,4 @@ def _suffix_order(rest: str) -> tuple[int, str]:
         if rest.startswith(key):
             return (rank, rest)
     return (9, rest)
+

@@ -9,22 +9,25 @@ lm_head) the last slice's, both at t = 0.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ..arch import Arch, infer_arch
-from ..config import MergeConfig, OutputSlice, SliceSource, evaluate, resolve_model_path
+from ..arch import Arch
+from ..config import MergeConfig, OutputSlice, SliceSource, evaluate
 from ..errors import BudgetError, CheckpointError, ConfigError, ProblemsError, StreammergeError
-from ..io.header import FLOAT_CODES, ITEMSIZE, TensorInfo
-from ..io.reader import ModelFiles, open_model
+from ..io.header import FLOAT_CODES, ITEMSIZE, TensorInfo, clip, short
+from ..io.reader import ModelFiles
 from ..methods import MethodSpec, TensorJob, get_method
 from ..methods.registry import REQUIRED, Param
 from ..options import RunOptions
 from . import budget as budget_mod
-from .ir import Plan, ShardPlan, Source, TensorPlan
+from .inputs import check_same_depth, config_source, embedding_rows, open_inputs, out_config
+from .ir import Plan, Source, TensorPlan
+from .params import converter
 from .shards import assign_shards, shard_plans
 
 TORCH_NAME = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
@@ -36,27 +39,6 @@ class _Slice:
     sources: tuple[SliceSource, ...]
     definition: OutputSlice | None
     base: str | None
-
-
-def _convert(param: Param, where: str) -> Callable[[Any], Any]:
-    def conv(v: Any) -> Any:
-        try:
-            if param.kind == "float":
-                return float(v)
-            if param.kind == "int":
-                return int(v)
-            if param.kind == "bool":
-                if isinstance(v, str):
-                    if v.lower() in ("true", "yes", "1"):
-                        return True
-                    if v.lower() in ("false", "no", "0"):
-                        return False
-                    raise ValueError(v)
-                return bool(v)
-            return v
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: parameter {param.name!r} must be a {param.kind}, got {v!r}") from None
-    return conv
 
 
 class Planner:
@@ -74,13 +56,9 @@ class Planner:
 
     # -- models -------------------------------------------------------------------------------------
     def open_models(self) -> None:
-        for ref in self.model_refs:
-            try:
-                mf = open_model(resolve_model_path(ref, self.config_dir))
-                arch = infer_arch(mf)
-                self.models[ref], self.archs[ref] = mf, arch
-            except (CheckpointError, ConfigError) as e:
-                self.problem(e)
+        self.models, self.archs, problems = open_inputs(self.model_refs, self.config_dir)
+        for e in problems:
+            self.problem(e)
 
     def problem(self, e: StreammergeError) -> None:
         """Collect a problem; the same problem on many tensors is reported once with a count."""
@@ -106,6 +84,7 @@ class Planner:
     def slices(self) -> list[_Slice]:
         cfg = self.config
         if cfg.models is not None:
+            check_same_depth(cfg, self.archs)
             sources = [SliceSource(model=m.model, layer_range=(0, self.archs[m.model].num_layers), parameters=m.parameters)
                        for m in cfg.models]
             if cfg.base_model and all(m.model != cfg.base_model for m in cfg.models):
@@ -152,7 +131,7 @@ class Planner:
         return scopes
 
     def _resolve(self, param: Param, scopes: list[dict | None], tensor: str, t: float, where: str) -> Any:
-        conv = _convert(param, where)
+        conv = converter(param, where)
         for scope in scopes:
             if scope and param.name in scope:
                 try:
@@ -163,11 +142,11 @@ class Planner:
                     if param.check is not None:
                         msg = param.check(v)
                         if msg:
-                            raise ConfigError(f"{where}: parameter {param.name!r} {msg} (tensor {tensor!r})")
+                            raise ConfigError(f"{where}: parameter {param.name!r} {msg} (tensor {short(tensor)})")
                     return v
         if param.default is REQUIRED:
             raise ConfigError(f"{where}: method {self.spec.name!r} needs parameter {param.name!r}"
-                              f" for tensor {tensor!r}; set it under 'parameters'")
+                              f" for tensor {short(tensor)}; set it under 'parameters'")
         return param.default
 
     def check_unknown_params(self) -> None:
@@ -201,9 +180,9 @@ class Planner:
         if info is None and arch.tied and arch.kind_of(name) == "lm_head" and arch.embed_name():
             info = mf.tensors.get(arch.embed_name())
         if info is None:
-            raise CheckpointError(f"{mf.path}: tensor {name!r} (needed for output {out_name!r}) is missing")
+            raise CheckpointError(f"{mf.path}: tensor {short(name)} (needed for output {short(out_name)}) is missing")
         if info.dtype not in FLOAT_CODES:
-            raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}; only bf16, fp16, fp32 "
+            raise CheckpointError(f"{info.file}: tensor {short(name)} has dtype {info.dtype}; only bf16, fp16, fp32 "
                                   "and fp64 tensors can be merged")
         return info
 
@@ -286,12 +265,12 @@ class Planner:
         compute = self._compute_dtype(infos)
         out_dtype = CODE_OF_NAME[self.config.out_dtype] if self.config.out_dtype else self._result_dtype(compute)
         base_idx = next((j for j, (r, _) in enumerate(ins) if r == sl.base), None) if sl.base else None
-        params = tuple((p.name, self._resolve(p, self._scopes(sl, None), out_name, t, out_name))
+        params = tuple((p.name, self._resolve(p, self._scopes(sl, None), out_name, t, clip(out_name)))
                        for p in self.spec.params if not p.per_model)
         mparams = []
         for j, (ref, in_name) in enumerate(ins):
             applicable = [p for p in self.spec.params if p.per_model and (j != base_idx or p.base_too)]
-            mparams.append(tuple((p.name, self._resolve(p, self._scopes(sl, ref), in_name, t, f"{ref}: {in_name}"))
+            mparams.append(tuple((p.name, self._resolve(p, self._scopes(sl, ref), in_name, t, f"{ref}: {clip(in_name)}"))
                                  for p in applicable))
         rows = shape[0] if len(shape) >= 2 else 1
         row_elems = infos[0].row_elems
@@ -303,9 +282,7 @@ class Planner:
         in_flight = block_work + budget_mod.in_flight(rpc, infos, row_elems, compute, out_dtype,
                                                       self.options.prefetch, blocked)
         gpu_in_flight = budget_mod.gpu_in_flight(rpc, infos, row_elems, compute, out_dtype) if self._gpu_budget() else 0
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = math.prod(shape)
         plan = TensorPlan(
             name=out_name, shape=tuple(shape), out_dtype=out_dtype, compute_dtype=compute,
             inputs=tuple(Source(model_index[ref], info, rows if crop else None) for (ref, _), info in zip(ins, infos)),
@@ -318,7 +295,7 @@ class Planner:
         if self.spec.validate is not None:
             msg = self.spec.validate(job)
             if msg:
-                raise ConfigError(f"{out_name}: {msg}")
+                raise ConfigError(f"{clip(out_name)}: {msg}")
         return plan, in_flight, gpu_in_flight
 
     def _finish(self, tensors: list[TensorPlan], peak: int, budget: int, baseline: int, out_layer: int,
@@ -338,14 +315,17 @@ class Planner:
         shard_of = {name: i for i, g in enumerate(groups) for name in g}
         tensors = [replace(t, shard=shard_of[t.name]) for t in tensors]
         out_dtype_name = TORCH_NAME[tensors[0].out_dtype] if tensors else None
+        config_ref, warning = config_source(self.models, self.model_refs, ref_name)
+        if warning:
+            self.warnings.append(warning)
         return Plan(
             method=self.spec.name,
             models=tuple(self.models[r].path for r in self.model_refs),
             tensors=tuple(tensors), shards=tuple(shards), budget=budget, baseline_rss=baseline,
             peak_estimate=baseline + budget_mod.ALLOCATOR_SLACK + peak, seed=self.options.seed,
             out_layers=out_layer,
-            out_config=_out_config(self.models[ref_name].config, out_layer, out_dtype_name, ref_arch,
-                                   _embedding_rows(tensors, ref_arch)),
+            out_config=out_config(self.models[config_ref].config, out_layer, out_dtype_name, ref_arch,
+                                  embedding_rows(tensors, ref_arch)),
             reference_model=model_index[ref_name],
             tokenizer_model=tokenizer_model,
             warnings=tuple(self.warnings),
@@ -376,10 +356,10 @@ class Planner:
         if kind in ("embedding", "lm_head") and len({s[1:] for s in shapes}) == 1:
             common = min(s[0] for s in shapes)
             sizes = ", ".join(f"{r}: {s[0]}" for r, s in zip(refs, shapes))
-            self.warnings.append(f"{out_name}: vocabulary sizes differ ({sizes}); cropping to {common} rows")
+            self.warnings.append(f"{clip(out_name)}: vocabulary sizes differ ({sizes}); cropping to {common} rows")
             return (common, *shapes[0][1:])
         detail = "; ".join(f"{r}: {list(s)}" for r, s in zip(refs, shapes))
-        raise CheckpointError(f"tensor {out_name!r} has different shapes across models ({detail}); these models "
+        raise CheckpointError(f"tensor {short(out_name)} has different shapes across models ({detail}); these models "
                               "do not share a backbone and cannot be merged tensor by tensor")
 
     def _tokenizer_model(self, model_index: dict[str, int], ref_name: str) -> int | None:
@@ -407,27 +387,6 @@ def promote_float(a: str, b: str) -> str:
 def _problem_kind(e: Exception) -> str:
     """A problem's text with tensor names, quoted values and numbers blanked: one kind per mistake."""
     return re.sub(r"'[^']*'|\b[\w-]+(?:\.[\w-]+)+\b|\d+", "…", str(e))
-
-
-def _embedding_rows(tensors: list[TensorPlan], arch: Arch) -> int | None:
-    """The output vocabulary: the input embedding's rows (smaller than config.json's when cropped)."""
-    name = arch.embed_name()
-    return next((t.shape[0] for t in tensors if t.name == name and len(t.shape) == 2), None)
-
-
-def _out_config(config: dict | None, layers: int, dtype: str | None, arch: Arch, vocab: int | None = None) -> dict | None:
-    if config is None:
-        return None
-    out = dict(config)
-    if vocab is not None and isinstance(out.get("vocab_size"), int) and out["vocab_size"] > vocab:
-        out["vocab_size"] = vocab
-    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
-        if key in out and isinstance(out[key], int) and arch.num_layers:
-            out[key] = layers
-    if dtype:
-        out["torch_dtype"] = dtype  # transformers < 5 reads this key
-        out["dtype"] = dtype        # transformers >= 5 reads this one
-    return out
 
 
 def build_plan(config: MergeConfig, config_path: str | os.PathLike | None, options: RunOptions) -> Plan:
