@@ -33,7 +33,7 @@ from .errors import StreammergeError
 from .io.header import DTYPES
 from .io.reader import RowReader
 from .methods import TensorJob, get_method
-from .pipeline import Halt, Stopped
+from .pipeline import Halt, Pool, Stopped, bound_malloc
 from .plan.ir import Plan, TensorPlan
 from .sink import ShardSink, ShardStats
 from .transfer import CudaStage
@@ -63,21 +63,6 @@ class ExecResult:
     device: str = "cpu"
 
 
-def _bound_malloc() -> None:
-    """glibc gives each thread its own heap arena and keeps freed mid-size blocks there; with several
-    compute threads making block-sized temporaries, resident memory crept to twice the budget. Fewer
-    arenas and a fixed mmap threshold (large blocks go back to the OS on free) keep it bounded."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-8, 2)          # M_ARENA_MAX
-        libc.mallopt(-3, 1 << 20)    # M_MMAP_THRESHOLD: fixed, so no longer raised dynamically
-        libc.mallopt(-1, 4 << 20)    # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def _all_finite(x: torch.Tensor) -> bool:
     """A sum is finite when every element is (one fast pass); only an overflowing sum needs the exact check."""
     if not x.is_floating_point() or x.numel() == 0:
@@ -85,16 +70,6 @@ def _all_finite(x: torch.Tensor) -> bool:
     if bool(torch.isfinite(x.sum())):
         return True
     return bool(torch.isfinite(x).all())
-
-
-class _Pool:
-    """Fixed slots of raw bytes; a band borrows one slot for all of its inputs."""
-
-    def __init__(self, slots: int, slot_bytes: int, pin: bool = False):
-        self.buffers = [torch.empty(max(slot_bytes, 1), dtype=torch.uint8, pin_memory=pin) for _ in range(slots)]
-        self.free: queue.Queue[int] = queue.Queue()
-        for i in range(slots):
-            self.free.put(i)
 
 
 def _empty(t: TensorPlan) -> bool:
@@ -141,9 +116,9 @@ class Executor:
         self.sink = ShardSink(plan, out_dir, self.stats, durable, skip_shards, self.on_shard_done)
         slot = max((sum(_aligned(t.rows_per_chunk * s.info.row_bytes) for s in t.inputs) for t in plan.tensors), default=1)
         cuda = device.type == "cuda"
-        self.pool = _Pool(self.prefetch + 1, slot, pin=cuda)
+        self.pool = Pool(self.prefetch + 1, slot, pin=cuda)
         out_slot = max((t.rows_per_chunk * t.row_elems * DTYPES[t.out_dtype][1] for t in plan.tensors), default=1)
-        self.out_pool = _Pool(self.prefetch + 2, out_slot, pin=cuda)
+        self.out_pool = Pool(self.prefetch + 2, out_slot, pin=cuda)
         self.stage = CudaStage(device, slot) if cuda else None
         self._write_wait = 0.0  # seconds the compute thread waited for room in the writer queue
         self.bands: queue.Queue = queue.Queue(maxsize=self.prefetch)
@@ -213,7 +188,7 @@ class Executor:
     def run(self) -> ExecResult:
         """Run the plan; raises the first failure of any thread (after every thread has stopped)."""
         self.sink.commit_empty()
-        _bound_malloc()
+        bound_malloc()
         threads = torch.get_num_threads()
         if self.spec.row_local and self.device.type == "cpu" and threads > 1:
             from concurrent.futures import ThreadPoolExecutor

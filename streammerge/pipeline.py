@@ -1,4 +1,5 @@
-"""What the executor's threads share: one stop flag, the first failure, and waits that notice it.
+"""What the executor's threads share: one stop flag, the first failure, waits that notice it, fixed
+buffer pools and a bounded heap.
 
 Every thread of a run can fail: the reader (a vanished input), a compute worker (a method), the writer
 (a full disk). The first failure is recorded and sets the stop flag; every wait in the pipeline polls
@@ -62,3 +63,30 @@ class Halt:
     def raise_first(self) -> None:
         if self.error is not None:
             raise self.error
+
+
+class Pool:
+    """Fixed slots of raw bytes; a band borrows one slot for all of its inputs."""
+
+    def __init__(self, slots: int, slot_bytes: int, pin: bool = False):
+        import torch
+
+        self.buffers = [torch.empty(max(slot_bytes, 1), dtype=torch.uint8, pin_memory=pin) for _ in range(slots)]
+        self.free: queue.Queue[int] = queue.Queue()
+        for i in range(slots):
+            self.free.put(i)
+
+
+def bound_malloc() -> None:
+    """glibc gives each thread its own heap arena and keeps freed mid-size blocks there; with several
+    compute threads making block-sized temporaries, resident memory crept to twice the budget. Fewer
+    arenas and a fixed mmap threshold (large blocks go back to the OS on free) keep it bounded."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 2)          # M_ARENA_MAX
+        libc.mallopt(-3, 1 << 20)    # M_MMAP_THRESHOLD: fixed, so no longer raised dynamically
+        libc.mallopt(-1, 4 << 20)    # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass

@@ -104,7 +104,7 @@ class ShardSink:
         w.commit()
         self.committed.add(shard)
         st = self.stats[shard]
-        st.checksum = w.digest.hexdigest()
+        st.checksum = w.digest.hexdigest() if w.digest is not None else ""
         st.finished = time.perf_counter()
 
     def finish(self) -> None:

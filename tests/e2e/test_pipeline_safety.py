@@ -104,6 +104,18 @@ def test_zero_size_tensors_with_several_shards_and_resume(pair, tmp_path, shard_
     assert shard_bytes(out) == expected
 
 
+def test_a_zero_size_tensor_of_2_to_the_62_rows_is_never_read_or_computed(tmp_path):
+    """[2**62, 0] holds no bytes: the executor skips it whatever rows_per_chunk the plan gives it."""
+    paths = [tmp_path / "h0", tmp_path / "h1"]
+    for i, p in enumerate(paths):
+        p.mkdir()
+        save_file({"a": torch.full((3, 2), float(i)), "z": torch.zeros(2**62, 0)}, p / "model.safetensors")
+    box = {}
+    err, _ = _within(20, lambda: box.setdefault("out", load_dir(merge(_linear(paths), tmp_path))))
+    assert err is None, repr(err)
+    assert box["out"]["z"].shape == (2**62, 0) and torch.equal(box["out"]["a"], torch.full((3, 2), 0.5))
+
+
 def test_zero_size_tensors_with_sce_and_arcee_fusion(tmp_path):
     paths = [tmp_path / f"m{i}" for i in range(3)]
     tensors = [_model(p, i) for i, p in enumerate(paths)]
@@ -147,7 +159,8 @@ def test_scalar_merges_like_a_one_element_vector(tmp_path, method):
 # -- item 9: a failure in any thread stops the run, promptly, as itself -------------------------------------
 
 def _within(seconds: float, fn):
-    """fn() on a thread: (its exception or None, seconds taken); fails the test if it is still running."""
+    """fn() on a thread: (its exception or None, the perf_counter() when it returned); fails the test if
+    it is still running after `seconds`."""
     box: dict = {}
 
     def target():
@@ -155,13 +168,21 @@ def _within(seconds: float, fn):
             fn()
         except BaseException as e:  # handed to the test
             box["error"] = e
+        box["end"] = time.perf_counter()
 
-    t0 = time.perf_counter()
     th = threading.Thread(target=target, daemon=True)
     th.start()
     th.join(seconds)
     assert not th.is_alive(), f"the run hung: still running after {seconds} s"
-    return box.get("error"), time.perf_counter() - t0
+    return box.get("error"), box["end"]
+
+
+FAILED_AT: list[float] = []   # when the injected fault was raised
+
+
+def _stopped_promptly(end: float) -> None:
+    """Every thread stopped, and the run returned, within a second of the fault."""
+    assert FAILED_AT and end - FAILED_AT[-1] < 1.0, end - FAILED_AT[-1]
 
 
 def _family_run(tiny_family, tmp_path, **opts):
@@ -185,6 +206,7 @@ def _full_disk_after(monkeypatch, limit: int) -> list[int]:
         n = memoryview(data).nbytes
         if written[0] + n > limit:
             time.sleep(0.5)
+            FAILED_AT.append(time.perf_counter())
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         written[0] += n
         return real(fd, data, offset)
@@ -197,8 +219,9 @@ def _full_disk_after(monkeypatch, limit: int) -> list[int]:
 def test_full_disk_stops_the_run_with_the_space_it_needs(tiny_family, tmp_path, monkeypatch, prefetch):
     fn = _family_run(tiny_family, tmp_path, prefetch=prefetch)
     _full_disk_after(monkeypatch, 150_000)
-    err, seconds = _within(20, fn)
+    err, end = _within(20, fn)
     assert isinstance(err, OutputError), repr(err)
+    _stopped_promptly(end)
     msg = str(err)
     assert msg.startswith(f"No space left on device: {tmp_path / 'out'}/model-0000"), msg
     assert msg.endswith("; free space and run with --resume"), msg
@@ -238,12 +261,14 @@ def test_reader_failure_stops_the_run_as_itself(tiny_family, tmp_path, monkeypat
     def read_rows(self, *a, **k):
         calls[0] += 1
         if calls[0] == 40:
+            FAILED_AT.append(time.perf_counter())
             raise RuntimeError("the disk under the inputs went away")
         return real(self, *a, **k)
 
     monkeypatch.setattr(RowReader, "read_rows", read_rows)
-    err, seconds = _within(20, fn)
+    err, end = _within(20, fn)
     assert isinstance(err, RuntimeError) and str(err) == "the disk under the inputs went away", repr(err)
+    _stopped_promptly(end)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -262,6 +287,7 @@ def test_compute_failure_stops_the_run_as_itself(tiny_family, tmp_path, monkeypa
         def bad_map(job, chunks, stats, row0):
             calls[0] += 1
             if calls[0] == 40:
+                FAILED_AT.append(time.perf_counter())
                 raise ValueError("map failed on purpose")
             return spec.map(job, chunks, stats, row0)
 
@@ -271,10 +297,11 @@ def test_compute_failure_stops_the_run_as_itself(tiny_family, tmp_path, monkeypa
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        err, seconds = _within(20, _family_run(tiny_family, tmp_path))
+        err, end = _within(20, _family_run(tiny_family, tmp_path))
     finally:
         torch.set_num_threads(before)
     assert isinstance(err, ValueError) and str(err) == "map failed on purpose", repr(err)
+    _stopped_promptly(end)
 
 
 def test_shard_done_failure_stops_the_run_as_itself(pair, tmp_path):
