@@ -265,12 +265,18 @@ def load_config_text(text: str, source: str = "config") -> MergeConfig:
 def resolve_model_path(ref: str, config_dir: Path | None) -> Path:
     """Paths are used as given; a relative path that does not exist from the working directory is
     also tried relative to the config file's folder."""
-    if "+" in ref and not Path(ref).exists():
-        raise ConfigError(f"model {ref!r}: LoRA references ('model+lora') are not supported yet; "
-                          "merge the adapter into the model first")
-    p = Path(ref).expanduser()
-    if not p.is_absolute() and not p.exists() and config_dir is not None and (config_dir / p).exists():
-        p = config_dir / p
+    if "\0" in ref:
+        raise ConfigError(f"model {_cut(repr(ref))}: a path cannot hold a NUL character; fix the model path")
+    try:
+        if "+" in ref and not Path(ref).exists():
+            raise ConfigError(f"model {_cut(repr(ref))}: LoRA references ('model+lora') are not supported yet; "
+                              "merge the adapter into the model first")
+        p = Path(ref).expanduser()
+        if not p.is_absolute() and not p.exists() and config_dir is not None and (config_dir / p).exists():
+            p = config_dir / p
+    except (OSError, RuntimeError) as e:  # a name too long, a folder we may not enter, ~nosuchuser
+        raise ConfigError(f"model {_cut(repr(ref))}: not a usable path ({getattr(e, 'strerror', None) or e}); "
+                          "fix the model path") from None
     return p
 
 

@@ -47,8 +47,9 @@ class _Limit(Exception):
 def load_yaml(text: str, source: str = "config") -> Any:
     """The YAML document of a config, refused (ConfigError) when it is nested too deeply, expands to too
     many values through aliases or merge keys, refers to itself, or holds an absurdly long integer."""
-    loader = _ConfigLoader(text)
+    loader = None
     try:
+        loader = _ConfigLoader(text)  # the reader refuses control characters here, already
         node = loader.get_single_node()
         if node is None:
             return None
@@ -61,7 +62,8 @@ def load_yaml(text: str, source: str = "config") -> Any:
     except (ValueError, OverflowError) as e:  # a timestamp like 2001-13-45 passes the resolver, not datetime
         raise ConfigError(f"{source}: not valid YAML: {cut(str(e), 300)}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _measure(node: yaml.Node, where: str, level: int, memo: dict[int, tuple[int, int]], active: set[int]) -> tuple[int, int]:

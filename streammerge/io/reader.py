@@ -51,7 +51,11 @@ def _load_json(path: Path) -> dict:
 def open_model(path: str | os.PathLike) -> ModelFiles:
     """Inventory a model folder (or a single .safetensors file) without reading tensor data."""
     path = Path(path)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:  # a folder on the way we may not enter
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}); check the path and its permissions") from None
+    if not exists:
         raise CheckpointError(f"{path}: model path does not exist; check the path in the config "
                               "(streammerge reads local folders only, it does not download from a hub)")
     if not path.is_dir():

@@ -389,6 +389,21 @@ def test_a_huge_tensor_name_is_cut_in_every_message(pair, tmp_path, capsys):
     assert len(flat) < 2000, len(flat)
 
 
+@pytest.mark.parametrize("ref, needle", [
+    ("9" * 5000 + "/model", "not a usable path (File name too long)"),
+    ("a\0b", "a path cannot hold a NUL character"),
+    ("~no_such_user_here/model", "not a usable path"),
+])
+def test_unusable_model_paths(pair, tmp_path, capsys, ref, needle):
+    """Found by tests/test_config_fuzz.py: each raised OSError, ValueError or RuntimeError."""
+    base, _ = pair
+    cfg = write_yaml(tmp_path / "m.yml", {"merge_method": "linear", "models": [
+        {"model": str(base), "parameters": {"weight": 1.0}}, {"model": ref, "parameters": {"weight": 1.0}}]})
+    with pytest.raises(ConfigError, match="fix the model path"):
+        check(cfg, MEM)
+    assert len(_cli_fails(["check", str(cfg)], capsys, needle)) < 600
+
+
 def test_missing_config_json_in_the_first_model_uses_another_models(pair, tmp_path):
     base, expert = pair
     bare = tmp_path / "bare"
