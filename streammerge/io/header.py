@@ -103,6 +103,10 @@ class TensorInfo:
     file: Path
     stamp: FileStamp | None = None
 
+    def __post_init__(self) -> None:
+        if self.stamp is not None and not isinstance(self.stamp, FileStamp):  # a plan file gives a plain tuple
+            object.__setattr__(self, "stamp", FileStamp(*self.stamp))
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return torch_dtype(self.dtype)

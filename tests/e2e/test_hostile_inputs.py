@@ -249,6 +249,17 @@ def test_reader_refuses_a_file_changed_since_its_header_was_read(tmp_path):
         assert reader.read_rows(info, 1, 2).tolist() == [[4.0, 5.0, 6.0, 7.0]]
 
 
+def test_file_stamps_survive_a_plan_file(pair, tmp_path):
+    """An executor given only a plan file (plan.serialize) checks its inputs the same way."""
+    from streammerge.io.header import FileStamp
+    from streammerge.plan.serialize import plan_from_json, plan_to_json
+
+    plan = check(_linear(tmp_path, *pair), MEM)
+    info = plan_from_json(plan_to_json(plan)).tensors[0].inputs[0].info
+    assert isinstance(info.stamp, FileStamp) and info.stamp == plan.tensors[0].inputs[0].info.stamp
+    assert info.stamp.change(info.stamp._replace(size=1)) == f"size {info.stamp.size} bytes is now 1"
+
+
 # -- item 6 (part): non-finite parameters -------------------------------------------------------------
 
 @pytest.mark.parametrize("method, params, where", [
