@@ -14,20 +14,53 @@ import sys
 import threading
 from pathlib import Path
 
+from .errors import ConfigError
+from .options import MAX_PREFETCH, MAX_SEED, MAX_THREADS, check_int, parse_size
+
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 COMMANDS = ("run", "check", "demo", "synth", "bench")
 
 
+def _size_flag(flag: str, hint: str):
+    """An argparse type: a size of at least one byte; 0, '0.5' or '1e400' is a usage error that says what to write."""
+    def parse(text: str) -> int:
+        try:
+            return parse_size(text, flag, minimum=1)
+        except ConfigError as e:
+            msg = str(e).removeprefix(f"{flag}: ")
+            raise argparse.ArgumentTypeError(msg + (f"; {hint}" if "less than" in msg else "")) from None
+    return parse
+
+
+def _int_flag(flag: str, lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi], checked when the command line is read, not mid-run."""
+    def parse(text: str) -> int:
+        try:
+            return check_int(text, flag, lo, hi)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{flag}: ")) from None
+    return parse
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-memory", default=None, help="hard ceiling on resident memory, e.g. 1GiB (default: half the available RAM, 1-16 GiB)")
+    p.add_argument("--max-memory", default=None,
+                   type=_size_flag("--max-memory", "write a size such as 2GiB or 512MiB, or leave --max-memory out "
+                                                   "for the default (half the available RAM, 1-16 GiB)"),
+                   help="hard ceiling on resident memory, e.g. 1GiB (default: half the available RAM, 1-16 GiB)")
     p.add_argument("--max-gpu-memory", default=None,
+                   type=_size_flag("--max-gpu-memory", "write a size such as 8GiB, or leave --max-gpu-memory out for "
+                                                       "80% of the GPU's memory"),
                    help="ceiling on the device buffers of a CUDA run, e.g. 8GiB (default: 80%% of the GPU's memory)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where to compute (default: cpu)")
     p.add_argument("--cuda", action="store_true", help="mergekit alias for --device cuda")
-    p.add_argument("--out-shard-size", default="5B", help="maximum output shard size (default: 5B, mergekit's: 5e9 bytes)")
-    p.add_argument("--random-seed", type=int, default=0, help="seed of the counter-based random masks (default: 0)")
-    p.add_argument("--chunk-rows", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--prefetch", type=int, default=2, help="row bands read ahead of the compute (default: 2)")
+    p.add_argument("--out-shard-size", default="5B",
+                   type=_size_flag("--out-shard-size", "write a size such as 5B (mergekit's default, 5e9 bytes) or 2GiB"),
+                   help="maximum output shard size (default: 5B, mergekit's: 5e9 bytes)")
+    p.add_argument("--random-seed", type=_int_flag("--random-seed", 0, MAX_SEED), default=0,
+                   help="seed of the counter-based random masks, 0 to 2^64-1 (default: 0)")
+    p.add_argument("--chunk-rows", type=_int_flag("--chunk-rows", 1), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prefetch", type=_int_flag("--prefetch", 1, MAX_PREFETCH), default=2,
+                   help="row bands read ahead of the compute, 1 to 64 (default: 2)")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -52,7 +85,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(noop, action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--transformers-cache", default=None, help=argparse.SUPPRESS)
     p.add_argument("--lora-merge-cache", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--num-threads", type=_int_flag("--num-threads", 1, MAX_THREADS), default=None,
+                   help="torch intra-op threads, 1 to 1024 (default: torch's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     ps = sub.add_parser("synth", help="write seeded synthetic Llama-shaped checkpoints")
     ps.add_argument("out")
     ps.add_argument("--preset", default="tiny", help="tiny, small, 1b or 3b (default: tiny)")
-    ps.add_argument("--experts", type=int, default=2)
-    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--experts", type=_int_flag("--experts", 1, 64), default=2, help="1 to 64 (default: 2)")
+    ps.add_argument("--seed", type=_int_flag("--seed", 0, 2**63 - 1), default=0, help="0 to 2^63-1 (default: 0)")
     ps.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the preset's)")
     return parser
 
@@ -89,17 +123,27 @@ def _version() -> str:
 
 
 def _options(args: argparse.Namespace, **extra):
-    from .options import RunOptions, parse_size
+    from .options import RunOptions
 
     device = "cuda" if getattr(args, "cuda", False) else args.device
     return RunOptions(
-        max_memory=parse_size(args.max_memory, "--max-memory") if args.max_memory else 0,
-        max_gpu_memory=parse_size(args.max_gpu_memory, "--max-gpu-memory") if args.max_gpu_memory else 0,
-        device=device, out_shard_size=parse_size(args.out_shard_size, "--out-shard-size"),
+        # sizes were parsed and range-checked by argparse; None (flag absent) is the only way to the default
+        max_memory=args.max_memory or 0, max_gpu_memory=args.max_gpu_memory or 0,
+        device=device, out_shard_size=args.out_shard_size,
         seed=args.random_seed, chunk_rows=args.chunk_rows, prefetch=args.prefetch, **extra)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console entry point. Ctrl-C before `_main` installs its handlers (during the start-up
+    imports, say) is one line and exit 130, never a traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:
+        sys.stderr.write("interrupted.\n")
+        return 128 + int(getattr(e, "signum", signal.SIGINT))
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv = ["run", *argv]  # mergekit-yaml style: streammerge CONFIG OUT
@@ -186,6 +230,10 @@ def _signals_as_interrupt():
 def _cmd_run(args: argparse.Namespace, console) -> int:
     from .progress import run_with_progress
 
+    if args.report:
+        from .options import check_report_path
+
+        check_report_path(args.report, args.out)  # before the merge: a bad path must not cost a whole run
     if args.num_threads:
         import torch
 
@@ -217,6 +265,10 @@ def _cmd_demo(args: argparse.Namespace, console) -> int:
 
 def _cmd_bench(args: argparse.Namespace, console) -> int:
     from .demo import bench
+    from .options import check_report_path
+
+    if args.report:
+        check_report_path(args.report)
 
     report = bench(console, _options(args, overwrite=True, progress=True), args.preset, args.method,
                    Path(args.data) if args.data else None)

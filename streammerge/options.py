@@ -1,33 +1,111 @@
-"""Run options, declared once: the CLI builds them from flags, the library takes them as given."""
+"""Run options, declared once: the CLI builds them from flags, the library takes them as given.
+
+Every number is range-checked here, where it enters: a size, a seed or a count from a flag or a
+caller never reaches a loop or an allocation unchecked.
+"""
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
 
 import psutil
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 
 _UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
           "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
           "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+MAX_SIZE = 2**63 - 1   # file offsets and sizes are signed 64-bit on every platform we write to
+MAX_SEED = 2**64 - 1   # the Philox key is 64 bits
+MAX_PREFETCH = 64      # bands read ahead; more only multiplies the buffers in flight
+MAX_THREADS = 1024
 
 
-def parse_size(text: str | int, what: str = "size") -> int:
-    """'1GiB', '512M', '5B' (mergekit's B = billion), '1e9' -> bytes."""
+def shown(text: object, limit: int = 40) -> str:
+    """`repr(text)`, cut to `limit` characters: a 5000-digit flag value is not echoed whole."""
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 5] + "...'"
+
+
+def parse_size(text: str | int, what: str = "size", minimum: int = 0) -> int:
+    """'1GiB', '512M', '5B' (mergekit's B = billion), '1e9' -> bytes, exact (decimal arithmetic, so
+    '1e400' is "too large", not a float overflow), between `minimum` and 2^63-1."""
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
+        raise ConfigError(f"{what}: expected a size such as 1GiB or a number of bytes, got {shown(text)}")
     if isinstance(text, int):
-        return text
-    s = str(text).strip().replace("_", "")
-    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)", s)
-    if not m:
-        raise ConfigError(f"{what}: cannot read {text!r} as a size; write e.g. 1GiB, 512MiB or 5B")
-    num, unit = float(m[1]), m[2].upper()
-    if unit == "B":
-        unit = "G"  # mergekit's sizes: K, M, B = thousand, million, billion
-    if unit not in _UNITS:
-        raise ConfigError(f"{what}: unknown unit {m[2]!r} in {text!r}; use B, KiB, MiB, GiB, KB, MB, GB")
-    return int(num * _UNITS[unit])
+        value = Decimal(text)
+    else:
+        s = text.strip().replace("_", "")
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)", s)
+        if not m:
+            raise ConfigError(f"{what}: cannot read {shown(text)} as a size; write e.g. 1GiB, 512MiB or 5B")
+        unit = m[2].upper()
+        if unit == "B":
+            unit = "G"  # mergekit's sizes: K, M, B = thousand, million, billion
+        if unit not in _UNITS:
+            raise ConfigError(f"{what}: unknown unit {shown(m[2])} in {shown(text)}; use B, KiB, MiB, GiB, KB, MB, GB")
+        num = Decimal(m[1])
+        value = num * _UNITS[unit] if num.adjusted() < 40 else Decimal(10) ** 40  # bound before multiplying
+    if value > MAX_SIZE:
+        raise ConfigError(f"{what}: {shown(text)} is larger than {MAX_SIZE} bytes (8 EiB); give a smaller size")
+    if value < minimum:
+        raise ConfigError(f"{what}: {shown(text)} is less than {_bytes(minimum)}")
+    return int(value)
+
+
+def _bytes(n: int) -> str:
+    return "1 byte" if n == 1 else f"{n} bytes"
+
+
+def check_int(value: object, what: str, lo: int, hi: int | None = None) -> int:
+    """`value` (an int, or a string of one) in [lo, hi], or a ConfigError naming `what` and the range."""
+    want = f"an integer from {lo} to {hi}" if hi is not None else f"an integer of at least {lo}"
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:  # also a string of more digits than Python converts
+            raise ConfigError(f"{what}: cannot read {shown(value)} as an integer; use {want}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{what}: expected {want}, got {shown(value)}")
+    if value < lo or (hi is not None and value > hi):
+        raise ConfigError(f"{what}: {shown(value)} is out of range; use {want}")
+    return value
+
+
+def check_report_path(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Refuse, before any merge work, a --report path the report could not be written to at the end:
+    a folder, a missing or non-folder parent (unless it is the output folder the run creates), a FIFO
+    (writing it would block), or no write permission."""
+    p = Path(path)
+    where = f"--report {p}"
+    if p.is_dir():
+        raise OutputError(f"{where}: is a folder; name a file in it, e.g. {p / 'report.json'}")
+    if p.exists() or p.is_symlink():
+        try:
+            mode = p.stat().st_mode
+        except OSError as e:
+            raise OutputError(f"{where}: cannot be read ({e.strerror}); name a new file") from None
+        if not stat.S_ISREG(mode):
+            raise OutputError(f"{where}: exists and is not a regular file; name a new file")
+        if not os.access(p, os.W_OK):
+            raise OutputError(f"{where}: exists and is not writable; name another file")
+        return p
+    parent = p.parent
+    if out is not None and parent.absolute() == Path(out).absolute():
+        return p  # the run creates the output folder; the report is written after it
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"{where}: {parent} is not a folder; name a file in an existing folder")
+    if not parent.exists():
+        raise OutputError(f"{where}: folder {parent} does not exist; create it first or name a file in an "
+                          "existing folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{where}: folder {parent} is not writable; name a file in a folder you can write to")
+    return p
 
 
 GPU_DEFAULT_FRACTION = 0.8  # --max-gpu-memory default: this share of the device's total memory
@@ -62,6 +140,16 @@ class RunOptions:
     check_nonfinite: bool = True
     fsync: bool = True                 # durable shards (power-loss safe); atomic renames need no fsync
     max_gpu_memory: int = 0            # bytes of device buffers (cuda/auto); 0 -> 80% of the device, read at run time
+
+    def __post_init__(self) -> None:
+        """A library caller's numbers get the checks the CLI's flags get, before any plan or file."""
+        check_int(self.max_memory, "RunOptions.max_memory", 0, MAX_SIZE)
+        check_int(self.max_gpu_memory, "RunOptions.max_gpu_memory", 0, MAX_SIZE)
+        check_int(self.out_shard_size, "RunOptions.out_shard_size", 1, MAX_SIZE)
+        check_int(self.seed, "RunOptions.seed", 0, MAX_SEED)
+        check_int(self.prefetch, "RunOptions.prefetch", 1, MAX_PREFETCH)
+        if self.chunk_rows is not None:
+            check_int(self.chunk_rows, "RunOptions.chunk_rows", 1)
 
     def budget(self) -> int:
         return self.max_memory or default_max_memory()
