@@ -81,7 +81,11 @@ def rows_per_chunk(name: str, rows: int, inputs: list[TensorInfo], row_elems: in
                    out_dtype: str, prefetch: int, data_budget: int, budget: int, override: int | None,
                    blocked: bool = False, gpu_budget: int = 0) -> int:
     """Rows per band under the memory budget and, when `gpu_budget` is set (a CUDA run's
-    --max-gpu-memory, bytes), under the device budget too."""
+    --max-gpu-memory, bytes), under the device budget too. A tensor with no elements ([2^62, 0],
+    [0, N], [0]) holds no bytes: it is one band of all its rows, whatever the budget or `override`
+    say, so nothing ever loops over its rows."""
+    if rows == 0 or row_elems == 0:
+        return max(1, rows)
     cost = row_cost(inputs, row_elems, compute_dtype, out_dtype, prefetch, blocked)
     if cost > data_budget:
         need = budget - data_budget + cost
