@@ -18,7 +18,7 @@ from typing import Any
 
 from ..arch import Arch
 from ..config import MergeConfig, OutputSlice, SliceSource, evaluate
-from ..errors import BudgetError, CheckpointError, ConfigError, ProblemsError, StreammergeError
+from ..errors import CheckpointError, ConfigError, ProblemsError, StreammergeError
 from ..io.header import FLOAT_CODES, ITEMSIZE, TensorInfo, clip, short
 from ..io.reader import ModelFiles
 from ..methods import MethodSpec, TensorJob, get_method
@@ -219,14 +219,11 @@ class Planner:
 
         model_index = {ref: i for i, ref in enumerate(self.model_refs)}
         budget = self.options.budget()
-        baseline = budget_mod.baseline_rss()
+        baseline = budget_mod.baseline_rss(self.spec.name, self.options.device)  # numba's share included
         data_budget = budget - baseline - budget_mod.ALLOCATOR_SLACK
-        if data_budget <= 0:
-            raise BudgetError(f"--max-memory {budget / 2**30:.2f} GiB is below what the process already uses "
-                              f"({baseline / 2**30:.2f} GiB for Python and torch); raise it to at least "
-                              f"{(baseline + budget_mod.ALLOCATOR_SLACK) / 2**30 + 0.25:.2f} GiB")
         widest_k = max((len(e[2]) for e in entries), default=1)
-        self._block_elems = min(self.spec.block_elems, budget_mod.block_elems(data_budget, widest_k, "F32", _threads()))
+        self._floor = budget_mod.Floor(budget, baseline, self.spec.block_elems, widest_k, _threads())
+        self._block_elems = self._floor.block_elems(data_budget)
         tensors: list[TensorPlan] = []
         peak = gpu_peak = 0
         for out_name, kind, ins, sl, t in entries:
@@ -238,6 +235,8 @@ class Planner:
             tensors.append(planned[0])
             peak = max(peak, planned[1])
             gpu_peak = max(gpu_peak, planned[2])
+        if (low := self._floor.error()) is not None:  # one error naming the real floor, not one per tensor
+            self.problem(low)
         tokenizer_model = None
         try:
             tokenizer_model = self._tokenizer_model(model_index, ref_name)
@@ -278,7 +277,7 @@ class Planner:
         block_work = budget_mod.block_work(len(infos), compute, _threads(), self._block_elems) if blocked else 0
         rpc = budget_mod.rows_per_chunk(out_name, rows, infos, row_elems, compute, out_dtype, self.options.prefetch,
                                         data_budget - block_work, budget, self.options.chunk_rows, blocked,
-                                        self._gpu_budget())
+                                        self._gpu_budget(), self._floor)
         in_flight = block_work + budget_mod.in_flight(rpc, infos, row_elems, compute, out_dtype,
                                                       self.options.prefetch, blocked)
         gpu_in_flight = budget_mod.gpu_in_flight(rpc, infos, row_elems, compute, out_dtype) if self._gpu_budget() else 0

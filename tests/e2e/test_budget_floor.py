@@ -72,3 +72,108 @@ def test_a_run_over_empty_tensors_finishes_and_keeps_their_shapes(tmp_path):
     out = load_dir(tmp_path / "out")
     assert {k: tuple(v.shape) for k, v in out.items()} == {"a": (3, 2), "z": (2**62, 0), "y": (0, 64), "x": (0,)}
     assert torch.equal(out["a"], torch.full((3, 2), 0.5))
+
+
+# -- the floor check names is real, and a run at it holds its ceiling ---------------------------------
+
+STATED_OVERHEAD = 64 << 20  # = tests/e2e/test_memory.py's tolerance: thread stacks, allocator slack
+FLOOR = re.compile(r"raise --max-memory to at least (\d+)MiB")
+
+
+def _cli(*argv: str, env: dict | None = None) -> tuple[int, str, int]:
+    """`streammerge ARGV` in a fresh interpreter: exit code, stderr, peak RSS (VmHWM) in bytes."""
+    code = textwrap.dedent("""
+        import sys
+        from streammerge.cli import main
+        rc = main(sys.argv[1:])
+        hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+        print("HWM", hwm)
+        sys.exit(rc)
+    """)
+    import os
+
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, **(env or {})})
+    hwm = int(r.stdout.split("HWM")[-1]) if "HWM" in r.stdout else 0
+    return r.returncode, r.stderr, hwm
+
+
+def _floor_of(cfg, *extra: str) -> int:
+    rc, err, _ = _cli("check", str(cfg), "--max-memory", "1MiB", *extra)
+    assert rc == 1, err
+    m = FLOOR.search(err.replace("\n", " "))
+    assert m, err
+    return int(m[1]) << 20
+
+
+@pytest.fixture(scope="module")
+def small_family(tmp_path_factory):
+    import dataclasses
+
+    from streammerge import synth
+
+    spec = dataclasses.replace(synth.PRESETS["tiny"], hidden=256, intermediate=704, layers=2, vocab=2048)
+    return synth.make_family(tmp_path_factory.mktemp("floor"), spec, 2, seed=3)
+
+
+def _config(tmp_path, method, family):
+    base, experts = family
+    params = {"weight": 0.5, "density": 0.5, **({"epsilon": 0.1} if method == "della" else {})}
+    return write_yaml(tmp_path / f"{method}.yml", {"merge_method": method, "base_model": str(base), "dtype": "bfloat16",
+                                                   "models": [{"model": str(e), "parameters": params} for e in experts]})
+
+
+def test_the_floor_check_names_is_accepted_and_just_below_it_is_refused(small_family, tmp_path):
+    cfg = _config(tmp_path, "della", small_family)
+    floor = _floor_of(cfg)
+    rc, err, _ = _cli("check", str(cfg), "--max-memory", f"{floor >> 20}MiB")
+    assert rc == 0, err
+    rc, err, _ = _cli("check", str(cfg), "--max-memory", f"{(floor >> 20) - 8}MiB")
+    assert rc == 1 and "below the smallest budget this merge can run in" in err, err
+    again = int(FLOOR.search(err.replace("\n", " "))[1]) << 20
+    assert abs(again - floor) <= 4 << 20, (again >> 20, floor >> 20)
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("method", ["della", "ties"])
+def test_a_run_at_the_floor_stays_within_its_budget(method, small_family, tmp_path):
+    cfg = _config(tmp_path, method, small_family)
+    floor = _floor_of(cfg)
+    rc, err, peak = _cli("run", str(cfg), str(tmp_path / "out"), "--max-memory", f"{floor >> 20}MiB", "--no-progress")
+    assert rc == 0, err
+    assert "numba-cpu" in err  # the compiled kernels ran: their code is what the old baseline missed
+    assert peak <= floor + STATED_OVERHEAD, f"peak RSS {peak / 2**20:.0f} MiB > floor {floor >> 20} MiB + 64 MiB"
+
+
+def test_numba_share_is_planned_only_where_numba_kernels_run(monkeypatch):
+    from streammerge.plan import budget
+
+    assert budget.numba_rss("della", "cpu") >= budget.NUMBA_RSS - budget.NUMBA_IMPORT_RSS > 0
+    assert budget.numba_rss("della", "auto") > 0  # auto without a GPU is a CPU run
+    assert budget.numba_rss("della", "cuda") == 0
+    assert budget.numba_rss("linear", "cpu") == 0
+    monkeypatch.setenv("STREAMMERGE_NO_NUMBA", "1")
+    assert budget.numba_rss("della", "cpu") == 0
+
+
+@pytest.mark.parametrize("family", ["tiny_family", "tiny_family_fp32"])
+def test_the_methods_planned_without_numba_run_no_numba_kernel(family, request, tmp_path):
+    """NUMBA_FREE is a claim about the methods' code: a method in it that starts calling a numba kernel
+    would run past the budget its plan reserved."""
+    from streammerge import run
+    from streammerge.plan.budget import NUMBA_FREE
+
+    base, experts = request.getfixturevalue(family)
+    b, e = str(base), [str(x) for x in experts]
+    configs = {
+        "linear": {"models": [{"model": m, "parameters": {"weight": 0.5}} for m in e]},
+        "passthrough": {"models": [{"model": e[0], "parameters": {"scale": 0.5}}]},
+        "slerp": {"base_model": b, "parameters": {"t": 0.3}, "models": [{"model": b}, {"model": e[0]}]},
+        "arcee_fusion": {"base_model": b, "models": [{"model": b}, {"model": e[0]}]},
+    }
+    assert set(configs) == NUMBA_FREE
+    for method, cfg in configs.items():
+        path = write_yaml(tmp_path / f"{method}.yml", {"merge_method": method, **cfg})
+        report = run(path, tmp_path / method, RunOptions(max_memory=2 << 30, progress=False))
+        ran = {impl for impls in report.kernels.values() for impl in impls}
+        assert "numba-cpu" not in ran, (method, report.kernels)
