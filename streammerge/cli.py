@@ -230,10 +230,10 @@ def _signals_as_interrupt():
 def _cmd_run(args: argparse.Namespace, console) -> int:
     from .progress import run_with_progress
 
-    if args.report:
-        from .options import check_report_path
+    if args.report and Path(args.report).absolute().parent != Path(args.out).absolute():
+        from .merge import check_report_path  # (a report in OUT is fine: the run creates OUT)
 
-        check_report_path(args.report, args.out)  # before the merge: a bad path must not cost a whole run
+        check_report_path(args.report)  # before the merge: a bad path must not cost a whole run
     if args.num_threads:
         import torch
 
@@ -265,7 +265,7 @@ def _cmd_demo(args: argparse.Namespace, console) -> int:
 
 def _cmd_bench(args: argparse.Namespace, console) -> int:
     from .demo import bench
-    from .options import check_report_path
+    from .merge import check_report_path
 
     if args.report:
         check_report_path(args.report)

@@ -6,16 +6,13 @@ caller never reaches a loop or an allocation unchecked.
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 
 import psutil
 
-from .errors import ConfigError, OutputError
+from .errors import ConfigError
 
 _UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
           "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
@@ -75,37 +72,6 @@ def check_int(value: object, what: str, lo: int, hi: int | None = None) -> int:
     if value < lo or (hi is not None and value > hi):
         raise ConfigError(f"{what}: {shown(value)} is out of range; use {want}")
     return value
-
-
-def check_report_path(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Refuse, before any merge work, a --report path the report could not be written to at the end:
-    a folder, a missing or non-folder parent (unless it is the output folder the run creates), a FIFO
-    (writing it would block), or no write permission."""
-    p = Path(path)
-    where = f"--report {p}"
-    if p.is_dir():
-        raise OutputError(f"{where}: is a folder; name a file in it, e.g. {p / 'report.json'}")
-    if p.exists() or p.is_symlink():
-        try:
-            mode = p.stat().st_mode
-        except OSError as e:
-            raise OutputError(f"{where}: cannot be read ({e.strerror}); name a new file") from None
-        if not stat.S_ISREG(mode):
-            raise OutputError(f"{where}: exists and is not a regular file; name a new file")
-        if not os.access(p, os.W_OK):
-            raise OutputError(f"{where}: exists and is not writable; name another file")
-        return p
-    parent = p.parent
-    if out is not None and parent.absolute() == Path(out).absolute():
-        return p  # the run creates the output folder; the report is written after it
-    if parent.exists() and not parent.is_dir():
-        raise OutputError(f"{where}: {parent} is not a folder; name a file in an existing folder")
-    if not parent.exists():
-        raise OutputError(f"{where}: folder {parent} does not exist; create it first or name a file in an "
-                          "existing folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{where}: folder {parent} is not writable; name a file in a folder you can write to")
-    return p
 
 
 GPU_DEFAULT_FRACTION = 0.8  # --max-gpu-memory default: this share of the device's total memory

@@ -115,8 +115,8 @@ def test_parse_size_is_exact_and_bounded():
 # -- --report is checked before the merge -------------------------------------------------------------
 
 @pytest.mark.parametrize("where, fragment", [
-    ("folder", "is a folder; name a file in it"),
-    ("missing/r.json", "does not exist; create it first"),
+    ("folder", "is a folder; name a file"),
+    ("missing/r.json", "does not exist; create it"),
     ("afile/r.json", "is not a folder"),
 ])
 def test_bad_report_path_fails_before_any_output(where, fragment, cfg, tmp_path, capsys):
