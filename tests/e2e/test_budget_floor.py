@@ -177,3 +177,32 @@ def test_the_methods_planned_without_numba_run_no_numba_kernel(family, request, 
         report = run(path, tmp_path / method, RunOptions(max_memory=2 << 30, progress=False))
         ran = {impl for impls in report.kernels.values() for impl in impls}
         assert "numba-cpu" not in ran, (method, report.kernels)
+
+
+@pytest.mark.parametrize("loose, blocked, cap", [(0, 5 << 20, 1 << 19), (3 << 20, 1 << 20, 1 << 17),
+                                                 (1 << 10, 0, 1 << 19), (0, 200 << 20, 1 << 19)])
+def test_floor_is_the_smallest_data_budget_from_which_every_larger_one_fits(loose, blocked, cap):
+    import random
+
+    from streammerge.plan import budget as b
+
+    f = b.Floor(budget=0, baseline=0, block_cap=cap, widest_k=3, threads=2)
+    if loose:
+        f.add("loose", loose, False, 2, "BF16")
+    if blocked:
+        f.add("blocked", blocked, True, 3, "F32")
+    d0 = f.data_floor()
+    starts = [8 * 2 * e * b._per_elem(3, "F32") for e in (1 << i for i in range(13, 20))]
+    probes = {d0, d0 + 1, *(s + o for s in starts for o in (-1, 0, 1) if s + o >= d0)}
+    probes |= {random.Random(i).randrange(d0, 4 * max(starts)) for i in range(200)}
+    assert all(f.fits(d) for d in probes), sorted(d for d in probes if not f.fits(d))[:5]
+    assert d0 == 1 or not f.fits(d0 - 1)
+    # the budget the error names is accepted by the planner's own test, and one MiB less is not
+    f = b.Floor(budget=1, baseline=300 << 20, block_cap=cap, widest_k=3, threads=2)
+    if loose:
+        f.add("loose", loose, False, 2, "BF16")
+    if blocked:
+        f.add("blocked", blocked, True, 3, "F32")
+    need = f.minimum()
+    assert f.error() is not None and f"at least {need >> 20}MiB" in str(f.error())
+    assert b.Floor(need, 300 << 20, cap, 3, 2, f.loose, dict(f.blocked)).error() is None
