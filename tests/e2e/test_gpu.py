@@ -120,7 +120,7 @@ def test_cli_parses_max_gpu_memory(tiny_family, tmp_path, capsys):
     assert "device memory budget 1.50 GiB" in capsys.readouterr().err
     assert main(["check", cfg, "--cuda", "--max-gpu-memory", "1MiB"]) == 1
     assert "raise --max-gpu-memory" in capsys.readouterr().err
-    assert main(["check", cfg, "--cuda", "--max-gpu-memory", "lots"]) == 1
+    assert main(["check", cfg, "--cuda", "--max-gpu-memory", "lots"]) == 2  # a bad flag value: a usage error
     assert "--max-gpu-memory: cannot read 'lots'" in capsys.readouterr().err
 
 
