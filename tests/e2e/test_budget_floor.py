@@ -6,7 +6,6 @@ Peak RSS is measured in a fresh subprocess (VmHWM, as tests/e2e/test_memory.py d
 process's own memory and already-compiled kernels do not count.
 """
 
-import json
 import re
 import subprocess
 import sys
