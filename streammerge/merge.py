@@ -22,6 +22,7 @@ from .config import MergeConfig, load_config_text, read_config_text
 from .errors import CheckpointError, OutputError, ResumeError
 from .io import checkpoint, outdir
 from .io.checksum import file_digest
+from .io.header import FileStamp
 from .io.outdir import MANIFEST_DIR, check_report_path  # noqa: F401  (check_report_path: public, for the CLI)
 from .io.writer import fsync_dir, write_json_atomic
 from .options import RunOptions, default_max_gpu_memory
@@ -44,11 +45,10 @@ def plan_fingerprint(plan: Plan, config: MergeConfig) -> str:
     h.update(config.model_dump_json().encode())
     h.update(json.dumps([(s.filename, list(s.tensors), s.nbytes) for s in plan.shards]).encode())
     h.update(str(plan.seed).encode())
-    stats: dict[Path, os.stat_result] = {}
     for t in plan.tensors:
         for s in t.inputs:
-            st = stats.get(s.info.file) or stats.setdefault(s.info.file, s.info.file.stat())
-            h.update(f"{s.info.file}:{st.st_size}:{st.st_mtime_ns}:{s.info.begin}".encode())
+            st = s.info.stamp or FileStamp.of(s.info.file.stat())  # recorded with the header: no second stat
+            h.update(f"{s.info.file}:{st.size}:{st.mtime_ns}:{s.info.begin}".encode())
     return h.hexdigest()
 
 
@@ -156,20 +156,6 @@ def _finished_shards(out: Path, fingerprint: str, plan: Plan) -> tuple[frozenset
     return frozenset(done), records, warnings
 
 
-def _config_json_warnings(plan: Plan) -> list[str]:
-    """config.json comes from the reference model only; say so when it has none but another model does,
-    rather than write a folder transformers cannot load without a word."""
-    if plan.out_config is not None or not plan.models:
-        return []
-    ref = Path(plan.models[plan.reference_model])
-    others = [str(m) for m in plan.models if (Path(m) / "config.json").is_file()]
-    if not others:
-        return []
-    return [f"the output has no config.json: the reference model {ref} (base_model, else the first model) has "
-            f"none, while {others[0]} has one; copy a config.json into the output (its layer count and dtype "
-            "adjusted), or put a config.json in the reference model"]
-
-
 def _shard_problem(f: Path, rec: dict) -> str | None:
     if f.is_symlink():
         return "is a symbolic link, not the shard this merge wrote"
@@ -220,7 +206,6 @@ def _run_locked(plan: Plan, config: MergeConfig, text: str, out: Path, fingerpri
         skip, records, warnings = _finished_shards(out, fingerprint, plan)
     manifest = {"fingerprint": fingerprint, "shards": records}
     write_json_atomic(manifest_path, manifest)
-    warnings += _config_json_warnings(plan)
     if warnings:
         plan = dataclasses.replace(plan, warnings=(*plan.warnings, *warnings))
     if on_start:
