@@ -150,6 +150,9 @@ def _finished_shards(out: Path, fingerprint: str, plan: Plan) -> tuple[frozenset
             done.add(i)
             records[shard.filename] = rec
             continue
+        if f.is_dir() and not f.is_symlink():
+            raise OutputError(f"--resume: {f} is a folder where this merge's shard belongs; it was not written by "
+                              "streammerge, so it is not deleted: move it away and run again")
         warnings.append(f"--resume: {f} {problem}; merging it again")
         if os.path.lexists(f):
             f.unlink()

@@ -384,3 +384,16 @@ def test_stale_partials_that_are_links_are_unlinked_not_written_through(tiny_fam
     run(cfg, out, _opts(resume=True))
     assert [v.read_text() for v in victims] == ["precious", "precious"] and load_dir(out)
     assert not list(out.glob("*.partial")) and not list((out / ".streammerge").glob("*.partial"))
+
+
+def test_resume_refuses_a_folder_where_a_shard_belongs_and_keeps_it(tiny_family, tmp_path):
+    from streammerge.errors import OutputError
+
+    cfg, out = _output(tiny_family, tmp_path, out_shard_size=SHARDED)
+    shard = sorted(out.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    shard.mkdir()
+    (shard / "mine.txt").write_text("keep")
+    with pytest.raises(OutputError, match=r"is a folder where this merge's shard belongs; .* move it away"):
+        run(cfg, out, _opts(out_shard_size=SHARDED, resume=True))
+    assert (shard / "mine.txt").read_text() == "keep"
