@@ -85,9 +85,18 @@ def build_header(tensors: list[OutTensor], metadata: dict[str, str] | None = Non
     return len(raw).to_bytes(8, "little") + raw, {n: start + b for n, (b, _) in offsets.items()}
 
 
+# safetensors' Rust `Dtype` enum, in declaration order: `save_file` lays data out by this rank, highest
+# first, then by name (measured with safetensors 0.8: U64, I64, F64, F32, U32, I32, BF16, F16, U16, I16,
+# F8_E4M3, F8_E5M2, I8, U8, BOOL). Item size alone is not it: BF16 comes before F16, F32 before I32.
+SAFETENSORS_DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
+                           "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64")
+_DTYPE_RANK = {code: rank for rank, code in enumerate(SAFETENSORS_DTYPE_ORDER)}
+
+
 def data_offsets_in_order(tensors: list[OutTensor]) -> list[OutTensor]:
-    """safetensors.save_file orders data by (dtype size desc, name); we follow it for byte parity."""
-    return sorted(tensors, key=lambda t: (-ITEMSIZE[t.dtype], t.name))
+    """The order `safetensors.save_file` writes data in (dtype rank descending, then name), so the same
+    tensors give the same bytes."""
+    return sorted(tensors, key=lambda t: (-_DTYPE_RANK[t.dtype], t.name))
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -202,12 +211,6 @@ class ShardWriter:
                 os.unlink(self.tmp_path)
             except FileNotFoundError:
                 pass
-
-
-def torch_code(dtype: torch.dtype) -> str:
-    from .header import CODE_OF
-
-    return CODE_OF[dtype]
 
 
 def fsync_dir(path: Path) -> None:

@@ -165,3 +165,27 @@ def test_other_write_errors_pass_through(tmp_path, monkeypatch):
         w.write("t", 0, torch.ones(2))
     w.abort()
     assert not (tmp_path / "x.safetensors.partial").exists()
+
+
+def test_data_order_is_safetensors_dtype_order_not_item_size(tmp_path):
+    """Names chosen so that ordering by item size then name would differ from safetensors: BF16 "z" before
+    F16 "a", F32 "y" before I32 "b", I64 "x" before F64 "c", and one tensor of every dtype we write."""
+    tensors = {"z": torch.randn(3).to(torch.bfloat16), "a": torch.randn(5).to(torch.float16),
+               "y": torch.randn(2, 2), "b": torch.arange(6, dtype=torch.int32), "c": torch.randn(3, dtype=torch.float64),
+               "x": torch.arange(4, dtype=torch.int64), "i16": torch.arange(3, dtype=torch.int16),
+               "e4": torch.randn(4).to(torch.float8_e4m3fn), "e5": torch.randn(4).to(torch.float8_e5m2),
+               "a8": torch.arange(5, dtype=torch.int8), "u8": torch.arange(5, dtype=torch.uint8),
+               "ok": torch.tensor([True, False, True]), "y2": torch.randn(3), "b0": torch.zeros(0, dtype=torch.int32)}
+    ref = tmp_path / "ref.safetensors"
+    save_file(tensors, ref, metadata={"format": "pt"})
+    from streammerge.io.header import CODE_OF
+
+    outs = data_offsets_in_order([OutTensor(n, CODE_OF[t.dtype], tuple(t.shape)) for n, t in tensors.items()])
+    assert [t.name for t in outs][:8] == ["x", "c", "y", "y2", "b", "b0", "z", "a"]
+    ours = tmp_path / "ours.safetensors"
+    w = ShardWriter(ours, outs, {"format": "pt"})
+    for t in outs:
+        w.write(t.name, 0, tensors[t.name])
+    w.commit()
+    assert ours.read_bytes() == ref.read_bytes()
+    assert list(read_header(ours).tensors) == [t.name for t in outs]
