@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import pytest
 import torch
@@ -183,25 +182,3 @@ def test_cuda_draws_the_same_bits():
             bernoulli_keep(SEED, STREAM, start, n, 0.3),
         )
 
-
-def test_throughput_report(capsys):
-    """Prints CPU throughput for 2**22 elements (run with -s to see it); never asserts speed."""
-    n = 1 << 22
-    lines = []
-    for name, fn in (
-        ("philox_uniform", lambda: philox_uniform(SEED, STREAM, 0, n)),
-        ("bernoulli_keep", lambda: bernoulli_keep(SEED, STREAM, 0, n, 0.3)),
-    ):
-        fn()
-        best_wall, best_cpu = math.inf, math.inf
-        for _ in range(2):
-            w, c = time.perf_counter(), time.process_time()
-            fn()
-            best_wall = min(best_wall, time.perf_counter() - w)
-            best_cpu = min(best_cpu, time.process_time() - c)
-        lines.append(
-            f"{name}: {n / best_wall / 1e6:.0f} M elem/s wall, "
-            f"{n / best_cpu / 1e6:.0f} M elem/s per CPU-second ({torch.get_num_threads()} threads)"
-        )
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
