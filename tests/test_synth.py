@@ -205,3 +205,14 @@ def test_make_family_reuse_keeps_complete_models_and_rewrites_others(tmp_path: P
     assert (experts[1] / "config.json").stat().st_mtime_ns == stamp[experts[1]]
     assert is_complete(experts[0], TINY, 0, base=base, model_index=1)
     assert _weight_bytes(experts[0]) == before
+
+
+def test_the_spec_module_does_not_import_torch() -> None:
+    """The command line lists the presets from ``synth_spec`` at parse time, so it must stay torch-free."""
+    import subprocess
+
+    code = ("import sys; from streammerge.synth_spec import PRESETS; "
+            "print(PRESETS['1b'].n_bytes, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(PRESETS["1b"].n_params * 2), "False"]
