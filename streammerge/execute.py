@@ -326,11 +326,11 @@ class Executor:
             if p < len(reduces):
                 red = reduces[p]
                 if band.r0 == 0:
-                    states[band.tensor] = red.init(job)
+                    states[band.tensor] = red.init(job, stats)
                 state = states[band.tensor]
                 if red.merge is not None and len(blocks) > 1:
                     def part(a: int, b: int):
-                        st = red.init(job)
+                        st = red.init(job, stats)
                         red.update(st, job, chunks_of(a, b), band.r0 + a)
                         return st
                     for st in self._parallel(part, blocks):

@@ -164,42 +164,20 @@ def all_pairs(k: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(k) for j in range(i, k)]
 
 
-def gram_reduce(vectors: Callable[[TensorJob, list[torch.Tensor]], tuple[torch.Tensor | None, Sequence[torch.Tensor]]],
+def gram_reduce(name: str, vectors: Callable[[TensorJob, list[torch.Tensor]], tuple[torch.Tensor | None, Sequence[torch.Tensor]]],
                 pairs: Callable[[TensorJob], Iterable[tuple[int, int]]],
                 finish: Callable[[Gram, TensorJob, Sequence[Any]], Any],
                 rounded: Callable[[TensorJob], Iterable[tuple[int, int]]] = lambda job: ()) -> Reduce:
     """A one-pass reduce of exact pairwise sums of the vectors ``x - base`` for ``(base, xs) =
     vectors(job, chunks)`` (``base`` None: the ``xs`` themselves); parallel-safe (exact merge)."""
 
-    def init(job: TensorJob) -> Gram:
+    def init(job: TensorJob, stats: Sequence[Any]) -> Gram:
         return Gram(pairs(job), rounded(job))
 
     def update(state: Gram, job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
         state.update(*vectors(job, chunks))
 
-    return Reduce(init, update, finish, merge=lambda into, other: into.merge(other))
-
-
-Stage = tuple[Callable[[TensorJob, list], Any], Callable, Callable, Callable | None]   # init, update, finish, merge
-
-
-def chained(*stages: Stage) -> tuple[Reduce, ...]:
-    """Reduces whose `init` sees the results of the earlier passes of the same tensor.
-
-    `Reduce.init` gets only the job, so a pass that needs an earlier pass's result (a threshold,
-    then the sums it selects) gets it through this per-tensor list; call from `reduce_plan`, which
-    runs once per tensor.
-    """
-    done: list[Any] = []
-
-    def wrap(init, update, finish, merge) -> Reduce:
-        def fin(state: Any, job: TensorJob, stats: Sequence[Any]) -> Any:
-            result = finish(state, job, stats)
-            done.append(result)
-            return result
-        return Reduce(lambda job: init(job, done), update, fin, merge)
-
-    return tuple(wrap(*s) for s in stages)
+    return Reduce(name, init, update, finish, merge=lambda into, other: into.merge(other))
 
 
 def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

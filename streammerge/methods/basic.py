@@ -63,7 +63,7 @@ PASSTHROUGH = MethodSpec(
 # Reduce: per row, fp64 sums of a², b², ab; across rows math.fsum (exactly rounded, so the result
 # does not depend on how rows were grouped into bands).
 
-def _slerp_init(job: TensorJob) -> dict[str, list[float]]:
+def _slerp_init(job: TensorJob, stats: Sequence[Any]) -> dict[str, list[float]]:
     return {"aa": [], "bb": [], "ab": []}
 
 
@@ -114,7 +114,7 @@ def _slerp_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any],
 SLERP = MethodSpec(
     name="slerp",
     map=_slerp_map,
-    reduces=(Reduce(_slerp_init, _slerp_update, _slerp_finish, _slerp_merge),),
+    reduces=(Reduce("gram", _slerp_init, _slerp_update, _slerp_finish, _slerp_merge),),
     params=(Param("t", check=in_range(None, None), doc="interpolation position: 0 = base, 1 = the other model"),),
     base="required",
     min_models=1,

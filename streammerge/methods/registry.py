@@ -99,12 +99,15 @@ class TensorJob:
 
 @dataclass(frozen=True)
 class Reduce:
-    """One reduce pass: `init` makes a state, `update` folds a row band into it, `finish` turns it into
-    a small statistic (`stats[i]` of later passes). Bands arrive in row order (`row0` is the band's
-    first row) unless `merge` is given: then the executor may fold sub-bands into fresh states on
+    """One reduce pass, named for what it computes (the plan lists passes by name): `init(job, stats)`
+    makes a state from the results of the tensor's earlier passes (`stats`, so passes chain without
+    shared closures), `update` folds a row band into it, `finish` turns it into a small statistic
+    (`stats[i]` of later passes). Bands arrive in row order (`row0` is the band's first row) unless
+    `merge` is given: then the executor may fold sub-bands into fresh states (each from `init`) on
     several threads and `merge(into, other)` them in row order, which must give the same result."""
 
-    init: Callable[[TensorJob], Any]
+    name: str
+    init: Callable[[TensorJob, Sequence[Any]], Any]
     update: Callable[[Any, TensorJob, list[torch.Tensor], int], None]
     finish: Callable[[Any, TensorJob, Sequence[Any]], Any]
     merge: Callable[[Any, Any], None] | None = None

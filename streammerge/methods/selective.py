@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..kernels.philox import philox_words, stream_id
 from ..kernels.threshold import KthMagnitude, Threshold, topk_mask
 from ..kernels.variance import model_variance
-from ._stats import HISTOGRAM_PASSES, ExactSum, as_rows, chained, model_sum, nonbase, promote_fp32, rowwise, scalar, segment_sums
+from ._stats import HISTOGRAM_PASSES, ExactSum, as_rows, model_sum, nonbase, promote_fp32, rowwise, scalar, segment_sums
 from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
 
 
@@ -67,9 +67,9 @@ class _Select:
         return int(torch.tensor(self.nonzero) * topk)
 
 
-def _count_stage(job: TensorJob) -> tuple:
+def _count_stage() -> Reduce:
     """fp32/fp64 refine passes follow the bin of a rank declared up front: count nonzero variances first."""
-    def init(job: TensorJob, done: list) -> _Select:
+    def init(job: TensorJob, stats: Sequence[Any]) -> _Select:
         return _Select(job)
 
     def update(state: _Select, job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
@@ -78,12 +78,12 @@ def _count_stage(job: TensorJob) -> tuple:
     def merge(into: _Select, other: _Select) -> None:
         into.nonzero += other.nonzero
 
-    return init, update, lambda state, job, stats: state, merge
+    return Reduce("nonzero_count", init, update, lambda state, job, stats: state, merge)
 
 
-def _histogram_stage(p: int, one_pass: bool) -> tuple:
-    def init(job: TensorJob, done: list) -> _Select:
-        sel = done[-1] if done else _Select(job)
+def _histogram_stage(p: int, one_pass: bool) -> Reduce:
+    def init(job: TensorJob, stats: Sequence[Any]) -> _Select:
+        sel = stats[-1] if stats else _Select(job)   # the count pass's (or the previous level's) selection
         if sel.finder is None and not one_pass:
             sel.finder = KthMagnitude(sel.dtype, sel.n, sel.k(_topk(job)))
         elif sel.finder is None:
@@ -100,13 +100,13 @@ def _histogram_stage(p: int, one_pass: bool) -> tuple:
         state.finder.finish_pass(p)
         return state
 
-    return init, update, finish, None
+    return Reduce("variance_histogram" if p == 0 else f"variance_histogram_refine{p}", init, update, finish)
 
 
-def _weights_stage() -> tuple:
+def _weights_stage() -> Reduce:
     """Kept squares per model, and per row the number of tied elements in earlier rows."""
-    def init(job: TensorJob, done: list) -> dict[str, Any]:
-        sel = done[-1] if done else None
+    def init(job: TensorJob, stats: Sequence[Any]) -> dict[str, Any]:
+        sel = stats[-1] if stats else None
         th = sel.finder.threshold_for(sel.k(_topk(job))) if sel is not None else None
         k = len(job.model_params) - 1
         return {"th": th, "sq": [ExactSum() for _ in range(k)], "equal": [0]}
@@ -133,7 +133,7 @@ def _weights_stage() -> tuple:
         weights = torch.ones_like(means) / means.shape[0] if abs(total) < 1e-6 else means / total
         return {"th": state["th"], "equal": torch.tensor(state["equal"], dtype=torch.int64), "weights": weights}
 
-    return init, update, finish, None
+    return Reduce("sce_weights", init, update, finish)
 
 
 _KEYS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float16: (torch.int16, 0x7FFF),
@@ -150,11 +150,11 @@ def _sce_reduces(job: TensorJob) -> tuple[Reduce, ...]:
     if len(job.model_params) == 1 or job.numel == 0:   # no elements: no statistics (a mean of none divides by 0)
         return ()
     if not _selecting(job):
-        return chained(_weights_stage())
+        return (_weights_stage(),)
     passes = HISTOGRAM_PASSES[job.compute_code]
-    stages = [] if passes == 1 else [_count_stage(job)]
+    stages = [] if passes == 1 else [_count_stage()]
     stages += [_histogram_stage(p, passes == 1) for p in range(passes)]
-    return chained(*stages, _weights_stage())
+    return (*stages, _weights_stage())
 
 
 def _sce_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
@@ -235,7 +235,7 @@ def _fusion_reduces(job: TensorJob) -> tuple[Reduce, ...]:
                 cache["pos"] = sample_positions(job.seed % (1 << 64), stream_id(model, job.name), job.numel)
             return cache["pos"]
 
-    def init(job: TensorJob) -> dict[str, list]:
+    def init(job: TensorJob, stats: Sequence[Any]) -> dict[str, list]:
         return {"kl": [], "imp": []}
 
     def update(state: dict[str, list], job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
@@ -264,7 +264,7 @@ def _fusion_reduces(job: TensorJob) -> tuple[Reduce, ...]:
         kl = torch.cat([v for _, v in sorted(state["kl"], key=lambda item: item[0])])
         return {"threshold": median + 1.5 * (q3 - q1), "kl": kl}
 
-    return (Reduce(init, update, finish, merge=merge),)
+    return (Reduce("importance", init, update, finish, merge=merge),)
 
 
 def _fusion_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from .._lazy import lazy_module, lazy_names
 from ..errors import StreammergeError
 from ._stats import (
-    ColumnSums, Gram, all_pairs, as_rows, chained, gram_reduce, model_sum, nonbase, nonbase_params, rounded, rowwise,
+    ColumnSums, Gram, all_pairs, as_rows, gram_reduce, model_sum, nonbase, nonbase_params, rounded, rowwise,
     scalar, work_dtype,
 )
 from .registry import REQUIRED, MethodSpec, Param, Reduce, TensorJob, in_range
@@ -106,7 +106,7 @@ def _nuslerp_finish(g: Gram, job: TensorJob, stats: Sequence[Any]) -> torch.Tens
 # mergekit applies before its dot product often decides the cosine's last bit: two passes, norms
 # first, then the dot product of the rounded units exactly as mergekit forms them.
 
-def _column_norms_init(job: TensorJob, done: list) -> dict[str, ColumnSums]:
+def _column_norms_init(job: TensorJob, stats: Sequence[Any]) -> dict[str, ColumnSums]:
     return {k: ColumnSums(job.row_elems) for k in ("aa", "bb")}
 
 
@@ -123,8 +123,8 @@ def _column_norms_finish(state: dict[str, ColumnSums], job: TensorJob,
     return tuple(rounded(state[k].acc.sqrt(), dt).clamp(min=_UNIT_EPS).reshape(1, -1) for k in ("aa", "bb"))
 
 
-def _column_dots_init(job: TensorJob, done: list) -> tuple[ColumnSums, tuple[torch.Tensor, torch.Tensor]]:
-    return ColumnSums(job.row_elems), done[0]
+def _column_dots_init(job: TensorJob, stats: Sequence[Any]) -> tuple[ColumnSums, tuple[torch.Tensor, torch.Tensor]]:
+    return ColumnSums(job.row_elems), stats[0]
 
 
 def _column_dots_update(state: tuple, job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
@@ -141,10 +141,10 @@ def _column_dots_finish(state: tuple, job: TensorJob, stats: Sequence[Any]) -> t
 def _nuslerp_reduces(job: TensorJob) -> tuple[Reduce, ...]:
     mode = _nuslerp_mode(job)
     if mode == "flat":
-        return (gram_reduce(_inputs, lambda j: all_pairs(2), _nuslerp_finish),)
+        return (gram_reduce("gram", _inputs, lambda j: all_pairs(2), _nuslerp_finish),)
     if mode == "column":
-        return chained((_column_norms_init, _column_norms_update, _column_norms_finish, None),
-                       (_column_dots_init, _column_dots_update, _column_dots_finish, None))
+        return (Reduce("column_norms", _column_norms_init, _column_norms_update, _column_norms_finish),
+                Reduce("column_dots", _column_dots_init, _column_dots_update, _column_dots_finish))
     return ()
 
 
@@ -259,7 +259,7 @@ def _multislerp_reduces(job: TensorJob) -> tuple[Reduce, ...]:
     k = len(job.model_params) - (job.base is not None)
     if k == 1 or len(job.shape) < 2:
         return ()
-    return (gram_reduce(_inputs, lambda j: all_pairs(k), _multislerp_finish),)
+    return (gram_reduce("gram", _inputs, lambda j: all_pairs(k), _multislerp_finish),)
 
 
 def _multislerp_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
@@ -371,7 +371,7 @@ def _karcher_finish(g: Gram, job: TensorJob, stats: Sequence[Any]) -> list[float
 
 def _karcher_reduces(job: TensorJob) -> tuple[Reduce, ...]:
     k = len(job.model_params)
-    return () if k == 1 else (gram_reduce(lambda j, c: (None, c), lambda j: all_pairs(k), _karcher_finish),)
+    return () if k == 1 else (gram_reduce("gram", lambda j, c: (None, c), lambda j: all_pairs(k), _karcher_finish),)
 
 
 def _karcher_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:

@@ -74,7 +74,7 @@ def _stock_reduces(job: TensorJob) -> tuple[Reduce, ...]:
     k = len(job.model_params) - 1
     squares = [(i, i) for i in range(k)]
     dots = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    return (gram_reduce(_stock_vectors, lambda j: squares + dots, _stock_finish, rounded=lambda j: dots),)
+    return (gram_reduce("gram", _stock_vectors, lambda j: squares + dots, _stock_finish, rounded=lambda j: dots),)
 
 
 def _stock_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
@@ -156,7 +156,7 @@ def _ram_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], r
     return base + merged
 
 
-def _ramplus_init(job: TensorJob) -> list[list[int]]:
+def _ramplus_init(job: TensorJob, stats: Sequence[Any]) -> list[list[int]]:
     k = len(job.model_params) - 1
     return [[0] * k, [0] * k]     # per model: overlapping, unique contributions
 
@@ -191,7 +191,7 @@ def _ramplus_finish(state: list[list[int]], job: TensorJob, stats: Sequence[Any]
 def _ramplus_reduces(job: TensorJob) -> tuple[Reduce, ...]:
     if len(job.model_params) == 1:
         return ()
-    return (Reduce(_ramplus_init, _ramplus_update, _ramplus_finish, merge=_ramplus_merge),)
+    return (Reduce("overlap_counts", _ramplus_init, _ramplus_update, _ramplus_finish, merge=_ramplus_merge),)
 
 
 def _ramplus_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .._lazy import lazy_module, lazy_names
@@ -79,59 +77,55 @@ def _needs_mask(job: TensorJob, i: int) -> bool:
     return float(_mp(job, i, "density")) < 1 and job.numel > 0
 
 
-@dataclass
-class _Thresholds:
-    """Per non-base model: finder (while counting) and the thresholds found."""
-
-    finders: list[KthMagnitude | None]
-
-
 def _magnitude_reduces(job: TensorJob, kind: str, rescale: bool) -> tuple[Reduce, ...]:
+    """Histogram passes (one per level of the dtype's bit patterns), then the counting pass. The finders
+    travel as the histogram passes' results: the first pass makes them, each later one reads them from
+    `stats[-1]`; planning only counts the passes."""
     others = [i for i in range(len(job.model_params)) if i != job.base]
     masked = [_needs_mask(job, i) for i in others]
-    n_passes = HISTOGRAM_PASSES[job.compute_code] if any(masked) else 0
-    made: list[KthMagnitude | None] = []
-    lock = threading.Lock()
-
-    def finders() -> list[KthMagnitude | None]:  # made by the first pass: planning only counts the passes
-        with lock:
-            if not made:
-                made.extend(KthMagnitude(job.compute_dtype, job.numel, _ranks(job, i, kind)) if m else None
-                            for i, m in zip(others, masked))
-                assert all(f is None or f.passes == n_passes for f in made), "HISTOGRAM_PASSES is out of date"
-        return made
+    if not any(masked):
+        return ()
+    n_passes = HISTOGRAM_PASSES[job.compute_code]
 
     def hist_pass(p: int) -> Reduce:
-        def init(job: TensorJob) -> list[KthMagnitude | None]:
-            return [f.spawn() if f is not None else None for f in finders()]
+        def init(job: TensorJob, stats: Sequence[Any]) -> tuple[list[KthMagnitude | None], list[KthMagnitude | None]]:
+            if p == 0:
+                shared = [KthMagnitude(job.compute_dtype, job.numel, _ranks(job, i, kind)) if m else None
+                          for i, m in zip(others, masked)]
+                assert all(f is None or f.passes == n_passes for f in shared), "HISTOGRAM_PASSES is out of date"
+            else:
+                shared = stats[-1]
+            return shared, [f.spawn() if f is not None else None for f in shared]
 
         def update(state, job, chunks, row0) -> None:
             _, _, d = _deltas(job, chunks)
-            for j, f in enumerate(state):
+            for j, f in enumerate(state[1]):
                 if f is not None:
                     f.update(d[j], p)
 
-        def merge(into, other) -> None:
-            for a, b in zip(into, other):
+        def merge(into, other) -> None:   # `into` keeps its finders; only the counts add up
+            for a, b in zip(into[1], other[1]):
                 if a is not None:
                     a.absorb(b)
 
         def finish(state, job, stats) -> list[KthMagnitude | None]:
-            for shared, part in zip(finders(), state):
-                if shared is not None:
-                    shared.absorb(part)
-                    shared.finish_pass(p)
-            return finders()
+            shared, parts = state
+            for f, part in zip(shared, parts):
+                if f is not None:
+                    f.absorb(part)
+                    f.finish_pass(p)
+            return shared
 
-        return Reduce(init, update, finish, merge)
+        return Reduce("histogram" if p == 0 else f"histogram_refine{p}", init, update, finish, merge)
 
-    def count_init(job: TensorJob) -> dict:
-        return {"eq": [[] for _ in others], "l1": [[] for _ in others], "kept": [[] for _ in others]}
+    def count_init(job: TensorJob, stats: Sequence[Any]) -> dict:
+        return {"finders": stats[-1], "eq": [[] for _ in others], "l1": [[] for _ in others],
+                "kept": [[] for _ in others]}
 
     def count_update(state: dict, job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
         _, _, d = _deltas(job, chunks)
         rows = d.shape[1] if d.dim() >= 3 else 1
-        for j, f in enumerate(finders()):
+        for j, f in enumerate(state["finders"]):
             if f is None:
                 continue
             eq, l1, kept = _count_rows(d[j].reshape(rows, -1), _thresholds(f), rescale)
@@ -140,13 +134,13 @@ def _magnitude_reduces(job: TensorJob, kind: str, rescale: bool) -> tuple[Reduce
             state["kept"][j].extend(kept)
 
     def count_merge(into: dict, other: dict) -> None:
-        for key in into:
+        for key in ("eq", "l1", "kept"):
             for a, b in zip(into[key], other[key]):
                 a.extend(b)
 
     def count_finish(state: dict, job: TensorJob, stats) -> dict:
         prefix, scale = [], []
-        for j, f in enumerate(finders()):
+        for j, f in enumerate(state["finders"]):
             entry, factor = (None, 1.0) if f is None else _prefix_and_scale(
                 _thresholds(f), state["eq"][j], None, state["l1"][j], state["kept"][j], rescale)
             prefix.append(entry)
@@ -154,7 +148,7 @@ def _magnitude_reduces(job: TensorJob, kind: str, rescale: bool) -> tuple[Reduce
         return {"prefix": prefix, "scale": scale}
 
     passes = tuple(hist_pass(p) for p in range(n_passes))
-    return passes + (Reduce(count_init, count_update, count_finish, count_merge),) if any(masked) else ()
+    return passes + (Reduce("tie_counts", count_init, count_update, count_finish, count_merge),)
 
 
 def _thresholds(f: KthMagnitude) -> tuple[Threshold, ...]:
@@ -381,7 +375,7 @@ def _dare_update(state: dict, job: TensorJob, chunks: list[torch.Tensor], row0: 
 def _bernoulli_reduces(job: TensorJob, kind: str) -> tuple[Reduce, ...]:
     """‖δ‖₁ and ‖masked δ‖₁ per row. DARE's pass also keeps its mask bits, packed, for the map (DELLA's
     map draws again: its masks depend on ranks, which the map recomputes anyway)."""
-    def init(job):
+    def init(job, stats):
         return {"l1": [], "kept": [], "keep": {}}
 
     def update(state, job, chunks, row0):
@@ -409,7 +403,7 @@ def _bernoulli_reduces(job: TensorJob, kind: str) -> tuple[Reduce, ...]:
             scale.append(total / part if total >= RESCALE_EPS and part >= RESCALE_EPS else 1.0)
         return {"scale": scale, "keep": state["keep"]}
 
-    return (Reduce(init, update, finish, merge),)
+    return (Reduce("rescale_sums", init, update, finish, merge),)
 
 
 # -- the family -----------------------------------------------------------------------------------------

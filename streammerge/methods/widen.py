@@ -46,7 +46,7 @@ def _sums(w0: torch.Tensor, ws: list[torch.Tensor]) -> list[torch.Tensor]:
 
 # -- reduce: per-column (or, for the embedding, per-row) sums -------------------------------------
 
-def _columns_init(job: TensorJob) -> ColumnProducts:
+def _columns_init(job: TensorJob, stats: Sequence[Any]) -> ColumnProducts:
     """The terms of `_sums` as products of [base, model 1, ...]: W_0², then W_k² and W_k·W_0 per model."""
     k = len(job.model_params) - 1
     pairs = [(0, 0)] + [p for i in range(1, k + 1) for p in ((i, i), (i, 0))]
@@ -61,7 +61,7 @@ def _columns_finish(state: ColumnProducts, job: TensorJob, stats: Sequence[Any])
     return _weights(state.acc.cpu(), job)
 
 
-def _rows_init(job: TensorJob) -> list[tuple[int, torch.Tensor]]:
+def _rows_init(job: TensorJob, stats: Sequence[Any]) -> list[tuple[int, torch.Tensor]]:
     return []
 
 
@@ -78,8 +78,8 @@ def _widen_reduces(job: TensorJob) -> tuple[Reduce, ...]:
     if len(job.shape) < 2:
         return ()
     if _by_rows(job):
-        return (Reduce(_rows_init, _rows_update, _rows_finish, merge=lambda into, other: into.extend(other)),)
-    return (Reduce(_columns_init, _columns_update, _columns_finish),)
+        return (Reduce("row_stats", _rows_init, _rows_update, _rows_finish, merge=lambda into, other: into.extend(other)),)
+    return (Reduce("column_stats", _columns_init, _columns_update, _columns_finish),)
 
 
 # -- from statistics to weights ---------------------------------------------------------------------

@@ -345,7 +345,7 @@ def test_sce_and_arcee_fusion_merge_a_zero_size_tensor_to_the_empty_tensor(tmp_p
         assert len(chunks) == len(models) + 1 and all(c.numel() == 0 for c in chunks)
         stats: list = []
         for red in spec.reduces_for(job):
-            state = red.init(job)
+            state = red.init(job, stats)
             red.update(state, job, chunks, 0)
             stats.append(red.finish(state, job, stats))
         out = spec.map(job, chunks, stats, 0)

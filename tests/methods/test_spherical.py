@@ -60,12 +60,12 @@ def run_method(name: str, tensors: list[torch.Tensor], *, base: int | None = Non
 
     stats: list = []
     for red in spec.reduces_for(job):
-        state = red.init(job)
+        state = red.init(job, stats)
         for r0 in range(0, rows, band):
             r1 = min(rows, r0 + band)
             if split and red.merge is not None and len(shape) >= 2:
                 for r in range(r0, r1):
-                    part = red.init(job)
+                    part = red.init(job, stats)
                     red.update(part, job, chunks(r, r + 1), r)
                     red.merge(state, part)
             else:
