@@ -5,7 +5,8 @@ Triton versions live in ``streammerge.kernels._triton`` and are imported only wh
 
 from .philox import bernoulli_keep, philox4x32_10, philox_uniform, philox_words, stream_id
 from .threshold import KthMagnitude, Threshold, find_thresholds, topk_mask
-from .vote import agree_mask, mix, sign_consensus, sum_models
+from .sums import sum_models
+from .vote import agree_mask, mix, sign_consensus
 
 __all__ = [
     "KthMagnitude",

@@ -31,24 +31,31 @@ def della_keep(rows: torch.Tensor, density: float, epsilon: float, seed: int, st
     """Keep mask (bool, flat) of a ``[rows, n]`` δ band whose first element is ``start`` of the stream."""
     if rows.dim() != 2:
         raise ValueError(f"della_keep needs a [rows, n] band, got shape {tuple(rows.shape)}")
-    impl = dispatch.choose("della_keep", rows.device)
-    if impl == "numba" and rows.dtype == torch.bfloat16 and rows.numel():
-        import numpy as np
+    return dispatch.call("della_keep", rows.device, rows, density, epsilon, seed, stream, start)
 
-        from ._numba import della as kernel
 
-        out = torch.empty(rows.numel(), dtype=torch.bool)
-        bits = rows.contiguous().view(torch.int16).numpy().view(np.uint16)
-        kernel.keep_rows_bf16(out.numpy(), bits, np.float32(density - epsilon), np.float32(2 * epsilon),
-                              np.uint64(seed), np.uint64(stream), np.uint64(start))
-        dispatch.ran("della_keep", impl, rows.device)
-        return out
-    if impl == "triton" and rows.dtype in (torch.bfloat16, torch.float16, torch.float32):
-        from ._triton.della import della_keep as triton_della_keep
+def della_keep_fits_triton(rows: torch.Tensor, *args) -> bool:
+    return rows.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
-        out = triton_della_keep(rows, density, epsilon, seed, stream, start)
-        dispatch.ran("della_keep", impl, rows.device)
-        return out
+
+def della_keep_fits_numba(rows: torch.Tensor, *args) -> bool:
+    return rows.dtype == torch.bfloat16 and rows.numel() > 0
+
+
+def della_keep_numba(rows: torch.Tensor, density: float, epsilon: float, seed: int, stream: int,
+                     start: int) -> torch.Tensor:
+    import numpy as np
+
+    from ._numba import della as kernel
+
+    out = torch.empty(rows.numel(), dtype=torch.bool)
+    bits = rows.contiguous().view(torch.int16).numpy().view(np.uint16)
+    kernel.keep_rows_bf16(out.numpy(), bits, np.float32(density - epsilon), np.float32(2 * epsilon),
+                          np.uint64(seed), np.uint64(stream), np.uint64(start))
+    return out
+
+
+def della_keep_torch(rows: torch.Tensor, density: float, epsilon: float, seed: int, stream: int,
+                     start: int) -> torch.Tensor:
     p = keep_probability(rows, density, epsilon)
-    dispatch.ran("della_keep", "torch", rows.device)
     return bernoulli_keep(seed, stream, start, rows.numel(), p, device=rows.device)

@@ -43,9 +43,18 @@ def segment_dots(a: torch.Tensor, b: torch.Tensor, rounded: bool = False) -> tor
     if a.shape != b.shape or a.dim() != 2 or a.dtype != b.dtype:
         raise ValueError(f"segment_dots needs two [rows, m] tensors of one dtype; got {tuple(a.shape)} "
                          f"{a.dtype} and {tuple(b.shape)} {b.dtype}")
-    if _compiled([a, b]):
-        return gram_segments([a, b], None, [(0, 1)], {(0, 1)} if rounded else ())[0]
-    dispatch.ran("dots", "torch", a.device)
+    return dispatch.call("segment_dots", a.device, a, b, rounded)
+
+
+def segment_dots_fits_numba(a: torch.Tensor, b: torch.Tensor, rounded: bool) -> bool:
+    return _compiled([a, b])
+
+
+def segment_dots_numba(a: torch.Tensor, b: torch.Tensor, rounded: bool) -> torch.Tensor:
+    return gram_segments_numba([a, b], None, [(0, 1)], {(0, 1)} if rounded else ())[0]
+
+
+def segment_dots_torch(a: torch.Tensor, b: torch.Tensor, rounded: bool) -> torch.Tensor:
     prod = (a * b).double() if rounded else a.double() * b.double()
     return segment_sums(prod)
 
@@ -59,22 +68,33 @@ def gram_segments(xs: Sequence[torch.Tensor], base: torch.Tensor | None, pairs: 
     one read of each input and no difference tensors (model_stock's six sums over three task vectors
     were nine passes over memory and three bf16 tensors). Same bits as the unfused calls.
     """
+    return dispatch.call("gram_segments", xs[0].device, xs, base, pairs, rounded)
+
+
+def gram_segments_fits_numba(xs: Sequence[torch.Tensor], base: torch.Tensor | None, *args) -> bool:
+    return _compiled([*xs] if base is None else [*xs, base])
+
+
+def gram_segments_numba(xs: Sequence[torch.Tensor], base: torch.Tensor | None, pairs: Sequence[tuple[int, int]],
+                        rounded: Collection[tuple[int, int]]) -> torch.Tensor:
+    import numpy as np
+
+    from ._numba import dots as kernel
+
     inputs = [*xs] if base is None else [*xs, base]
-    if _compiled(inputs):
-        import numpy as np
+    rows, m = xs[0].shape
+    out = torch.empty(len(pairs), rows * -(-m // SEGMENT), dtype=torch.float64)
+    bits = [_as_bits(t) for t in inputs]
+    kernel.gram_segments(tuple(bits[:len(xs)]), bits[-1] if base is not None else bits[0][:1],
+                         base is not None, np.array([i for i, _ in pairs], np.int64),
+                         np.array([j for _, j in pairs], np.int64),
+                         np.array([p in rounded for p in pairs], np.bool_), _BITS[xs[0].dtype][2], SEGMENT,
+                         out.numpy())
+    return out
 
-        from ._numba import dots as kernel
 
-        rows, m = xs[0].shape
-        out = torch.empty(len(pairs), rows * -(-m // SEGMENT), dtype=torch.float64)
-        bits = [_as_bits(t) for t in inputs]
-        kernel.gram_segments(tuple(bits[:len(xs)]), bits[-1] if base is not None else bits[0][:1],
-                             base is not None, np.array([i for i, _ in pairs], np.int64),
-                             np.array([j for _, j in pairs], np.int64),
-                             np.array([p in rounded for p in pairs], np.bool_), _BITS[xs[0].dtype][2], SEGMENT,
-                             out.numpy())
-        dispatch.ran("dots", "numba", xs[0].device)
-        return out
+def gram_segments_torch(xs: Sequence[torch.Tensor], base: torch.Tensor | None, pairs: Sequence[tuple[int, int]],
+                        rounded: Collection[tuple[int, int]]) -> torch.Tensor:
     vs = list(xs) if base is None else [x - base for x in xs]
     return torch.stack([segment_dots(vs[i], vs[j], (i, j) in rounded) for i, j in pairs])
 
@@ -83,23 +103,32 @@ def column_products(xs: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]]
     """Add ``Σ_rows xs[i] * xs[j]`` (float64, exact products) into ``acc[p]`` for each pair, row after row,
     from ``[rows, m]`` inputs; ``acc``: float64 ``[len(pairs), m]``. The same bits as a cumulative sum down
     each column of the float64 products. Returns False, doing nothing, where there is no compiled path
-    (the caller then runs its torch reference)."""
-    if not (xs and _compiled(xs) and acc.dtype == torch.float64 and acc.is_contiguous() and acc.device.type == "cpu"):
-        return False
+    (the caller then runs its torch reference, which the report counts as this call's torch path)."""
+    return dispatch.call("column_products", xs[0].device if xs else acc.device, xs, pairs, acc)
+
+
+def column_products_fits_numba(xs: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]], acc: torch.Tensor) -> bool:
+    return bool(xs) and _compiled(xs) and acc.dtype == torch.float64 and acc.is_contiguous() and acc.device.type == "cpu"
+
+
+def column_products_numba(xs: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]], acc: torch.Tensor) -> bool:
     import numpy as np
 
     from ._numba import dots as kernel
 
     kernel.column_products(tuple(_as_bits(t) for t in xs), np.array([i for i, _ in pairs], np.int64),
                            np.array([j for _, j in pairs], np.int64), _BITS[xs[0].dtype][2], acc.numpy())
-    dispatch.ran("dots", "numba", xs[0].device)
     return True
+
+
+def column_products_torch(xs: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]], acc: torch.Tensor) -> bool:
+    return False
 
 
 def _compiled(xs: Sequence[torch.Tensor]) -> bool:
     """Whether the numba kernels take these inputs: [rows, m] tensors of one shape and a dtype they decode."""
     return (all(x.shape == xs[0].shape and x.dtype == xs[0].dtype and x.dim() == 2 for x in xs)
-            and xs[0].dtype in _BITS and dispatch.choose("dots", xs[0].device) == "numba")
+            and xs[0].dtype in _BITS)
 
 
 def _as_bits(t: torch.Tensor):

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from . import dispatch
+from .contract import MASK32, PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1, U64, check_args, keep_limit
 
 __all__ = [
     "PHILOX_M0",
@@ -36,18 +37,13 @@ __all__ = [
     "PHILOX_W1",
     "KeepDraw",
     "bernoulli_keep",
+    "keep_limit",
     "philox4x32_10",
     "philox_uniform",
     "philox_words",
     "stream_id",
 ]
 
-PHILOX_M0 = 0xD2511F53
-PHILOX_M1 = 0xCD9E8D57
-PHILOX_W0 = 0x9E3779B9
-PHILOX_W1 = 0xBB67AE85
-_MASK32 = 0xFFFFFFFF
-_U64 = 1 << 64
 # Blocks per piece: the six int64 buffers stay in cache, and each op stays under torch's intra-op
 # grain size (32768), so the ~100 small ops per piece run on the calling thread.  Splitting them
 # across OpenMP threads made every op a barrier and, on a shared 2-core box, cut throughput 5x;
@@ -67,7 +63,7 @@ def stream_id(model_index: int, tensor_name: str) -> int:
     blake2b (never Python's salted ``hash``) of the model index and the UTF-8 name, so the same
     config draws the same masks in every process and on every machine.
     """
-    if not isinstance(model_index, int) or not 0 <= model_index < _U64:
+    if not isinstance(model_index, int) or not 0 <= model_index < U64:
         raise ValueError(f"model_index must be an int in [0, 2**64), got {model_index!r}")
     if not isinstance(tensor_name, str):
         raise TypeError(f"tensor_name must be a str, got {type(tensor_name).__name__}")
@@ -86,32 +82,41 @@ def philox4x32_10(
     Returns the four output words as int64 tensors in ``[0, 2**32)``.
     """
     c0, c1, c2, c3 = torch.broadcast_tensors(*(_as_words(c) for c in (c0, c1, c2, c3)))
-    k0 &= _MASK32
-    k1 &= _MASK32
+    k0 &= MASK32
+    k1 &= MASK32
     for _ in range(10):
         p0 = c0 * PHILOX_M0  # wraps in int64; the bit pattern is the exact uint64 product
         p1 = c2 * PHILOX_M1
         # Sign-extension garbage above bit 31 is cleared by one mask after the xors; the low
         # products feed only xors before the next mask, so they stay unmasked until the end.
         c0, c1, c2, c3 = (
-            ((p1 >> 32) ^ c1 ^ k0) & _MASK32,
+            ((p1 >> 32) ^ c1 ^ k0) & MASK32,
             p1,
-            ((p0 >> 32) ^ c3 ^ k1) & _MASK32,
+            ((p0 >> 32) ^ c3 ^ k1) & MASK32,
             p0,
         )
-        k0 = (k0 + PHILOX_W0) & _MASK32
-        k1 = (k1 + PHILOX_W1) & _MASK32
-    return c0, c1 & _MASK32, c2, c3 & _MASK32
+        k0 = (k0 + PHILOX_W0) & MASK32
+        k1 = (k1 + PHILOX_W1) & MASK32
+    return c0, c1 & MASK32, c2, c3 & MASK32
 
 
 def philox_words(
     seed: int, stream: int, start: int, count: int, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """Raw uint32 words (as int64) for elements ``start .. start+count-1`` of a stream."""
-    _check_args(seed, stream, start, count)
-    fast = _fast(seed, stream, start, count, device, "words", torch.int64)
-    if fast is not None:
-        return fast
+    check_args(seed, stream, start, count)
+    return dispatch.call("philox_words", device, seed, stream, start, count, device)
+
+
+def philox_words_numba(seed: int, stream: int, start: int, count: int, device: torch.device | str | None) -> torch.Tensor:
+    from ._numba import philox as kernel
+
+    out = torch.empty(count, dtype=torch.int64)
+    kernel.words_into(out.numpy(), seed, stream, start)
+    return out
+
+
+def philox_words_torch(seed: int, stream: int, start: int, count: int, device: torch.device | str | None) -> torch.Tensor:
     if count <= _SMALL:
         return torch.tensor(_words_py(seed, stream, start, count), dtype=torch.int64, device=device)
     first, buf = _block_buffer(start, count, torch.int64, device)
@@ -126,10 +131,21 @@ def philox_uniform(
     seed: int, stream: int, start: int, count: int, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """float32 uniforms in ``[0, 1)`` for elements ``start .. start+count-1`` of a stream."""
-    _check_args(seed, stream, start, count)
-    fast = _fast(seed, stream, start, count, device, "uniform", torch.float32)
-    if fast is not None:
-        return fast
+    check_args(seed, stream, start, count)
+    return dispatch.call("philox_uniform", device, seed, stream, start, count, device)
+
+
+def philox_uniform_numba(seed: int, stream: int, start: int, count: int,
+                         device: torch.device | str | None) -> torch.Tensor:
+    from ._numba import philox as kernel
+
+    out = torch.empty(count, dtype=torch.float32)
+    kernel.uniform_into(out.numpy(), seed, stream, start)
+    return out
+
+
+def philox_uniform_torch(seed: int, stream: int, start: int, count: int,
+                         device: torch.device | str | None) -> torch.Tensor:
     if count <= _SMALL:
         u = [(w >> 8) * 2.0**-24 for w in _words_py(seed, stream, start, count)]
         return torch.tensor(u, dtype=torch.float32, device=device)
@@ -165,11 +181,22 @@ def bernoulli_keep(
     p = float(p)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"keep probability p must be in [0, 1], got {p}")
-    _check_args(seed, stream, start, count)
+    check_args(seed, stream, start, count)
+    return dispatch.call("bernoulli_keep", device, seed, stream, start, count, p, device)
+
+
+def bernoulli_keep_numba(seed: int, stream: int, start: int, count: int, p: float,
+                         device: torch.device | str | None) -> torch.Tensor:
+    from ._numba import philox as kernel
+
+    out = torch.empty(count, dtype=torch.bool)
+    kernel.keep_into(out.numpy(), seed, stream, start, keep_limit(p))
+    return out
+
+
+def bernoulli_keep_torch(seed: int, stream: int, start: int, count: int, p: float,
+                         device: torch.device | str | None) -> torch.Tensor:
     limit = keep_limit(p)
-    fast = _fast(seed, stream, start, count, device, "keep", torch.bool, limit)
-    if fast is not None:
-        return fast
     if count <= _SMALL:
         keep = [w < limit for w in _words_py(seed, stream, start, count)]
         return torch.tensor(keep, dtype=torch.bool, device=device)
@@ -179,33 +206,6 @@ def bernoulli_keep(
         for j in range(4):
             torch.lt(cols[j], limit, out=view[:, j])
     return buf.view(-1)[start - 4 * first : start - 4 * first + count]
-
-
-def _fast(seed: int, stream: int, start: int, count: int, device: torch.device | str | None, kind: str,
-          dtype: torch.dtype, limit: int = 0) -> torch.Tensor | None:
-    """The same values from a compiled kernel where ``dispatch`` picks one, else None (torch runs)."""
-    device = torch.device("cpu" if device is None else device)
-    impl = dispatch.choose("philox", device)
-    if impl == "numba":
-        from ._numba import philox as kernel
-
-        out = torch.empty(count, dtype=dtype)
-        fill = {"words": kernel.words_into, "uniform": kernel.uniform_into}.get(kind)
-        if fill is None:
-            kernel.keep_into(out.numpy(), seed, stream, start, limit)
-        else:
-            fill(out.numpy(), seed, stream, start)
-    elif impl == "triton":
-        from ._triton import philox as kernel
-
-        code = {"words": kernel._WORDS, "uniform": kernel._UNIFORM, "keep": kernel._KEEP}[kind]
-        out = kernel._launch(code, seed, stream, start, count, device, limit)
-        out = out.view(torch.bool) if kind == "keep" else out
-    else:
-        dispatch.ran("philox", "torch", device)
-        return None
-    dispatch.ran("philox", impl, device)
-    return out
 
 
 def _block_buffer(
@@ -232,26 +232,26 @@ def _pieces(
         n = min(piece, last - qa)
         c0, c1, c2, c3, t0, t1 = (b[:n] for b in bufs)
         torch.arange(qa, qa + n, dtype=torch.int64, device=device, out=c2)
-        torch.bitwise_and(c2, _MASK32, out=c0)
+        torch.bitwise_and(c2, MASK32, out=c0)
         torch.bitwise_right_shift(c2, 32, out=c1)
-        c2.fill_(stream & _MASK32)
+        c2.fill_(stream & MASK32)
         c3.fill_(stream >> 32)
-        k0, k1 = seed & _MASK32, seed >> 32
+        k0, k1 = seed & MASK32, seed >> 32
         for _ in range(10):
             torch.mul(c0, PHILOX_M0, out=t0)  # wraps in int64: bit pattern of the uint64 product
             torch.mul(c2, PHILOX_M1, out=t1)
             # High words: sign-extension garbage above bit 31 is cleared by one mask after the
             # xors.  Low words stay unmasked: they only feed xors before the next mask.
             c1.bitwise_xor_(k0).bitwise_xor_(torch.bitwise_right_shift(t1, 32, out=c0))
-            c1.bitwise_and_(_MASK32)
+            c1.bitwise_and_(MASK32)
             c3.bitwise_xor_(k1).bitwise_xor_(torch.bitwise_right_shift(t0, 32, out=c2))
-            c3.bitwise_and_(_MASK32)
+            c3.bitwise_and_(MASK32)
             # (c0, c1, c2, c3) <- (new c0 in c1, lo1 in t1, new c2 in c3, lo0 in t0)
             c0, c1, c2, c3, t0, t1 = c1, t1, c3, t0, c0, c2
-            k0 = (k0 + PHILOX_W0) & _MASK32
-            k1 = (k1 + PHILOX_W1) & _MASK32
-        c1.bitwise_and_(_MASK32)
-        c3.bitwise_and_(_MASK32)
+            k0 = (k0 + PHILOX_W0) & MASK32
+            k1 = (k1 + PHILOX_W1) & MASK32
+        c1.bitwise_and_(MASK32)
+        c3.bitwise_and_(MASK32)
         yield qa, [c0, c1, c2, c3]
 
 
@@ -259,12 +259,12 @@ def _words_py(seed: int, stream: int, start: int, count: int) -> list[int]:
     """The same words with exact Python ints (no wrapping, so the high word is just ``>> 32``)."""
     words: list[int] = []
     for q in range(start >> 2, (start + count + 3) >> 2):
-        c0, c1, c2, c3 = q & _MASK32, q >> 32, stream & _MASK32, stream >> 32
-        k0, k1 = seed & _MASK32, seed >> 32
+        c0, c1, c2, c3 = q & MASK32, q >> 32, stream & MASK32, stream >> 32
+        k0, k1 = seed & MASK32, seed >> 32
         for _ in range(10):
             p0, p1 = c0 * PHILOX_M0, c2 * PHILOX_M1
-            c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & _MASK32, (p0 >> 32) ^ c3 ^ k1, p0 & _MASK32
-            k0, k1 = (k0 + PHILOX_W0) & _MASK32, (k1 + PHILOX_W1) & _MASK32
+            c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & MASK32, (p0 >> 32) ^ c3 ^ k1, p0 & MASK32
+            k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
         words += (c0, c1, c2, c3)
     skip = start & 3
     return words[skip : skip + count]
@@ -302,39 +302,7 @@ class KeepDraw:
         return [0 if p is None else keep_limit(p) for p in self.ps]
 
 
-def keep_limit(p: float) -> int:
-    """The word bound of a keep with probability ``p``: ``u < p`` exactly when ``word < keep_limit(p)``.
-
-    (word >> 8) < t  <=>  word < t * 256 for integers; t * 256 <= 2**32 fits int64.
-    """
-    return _ceil_scaled(p) << 8
-
-
-def _ceil_scaled(p: float) -> int:
-    scaled = p * (1 << 24)  # exact: scaling by a power of two
-    t = int(scaled)
-    return t + 1 if t < scaled else t
-
-
 def _as_words(c: Word) -> torch.Tensor:
     if isinstance(c, torch.Tensor):
         return c.to(torch.int64)
-    return torch.tensor(c & _MASK32, dtype=torch.int64)
-
-
-def _check_args(seed: int, stream: int, start: int, count: int) -> None:
-    _check_u64("seed", seed)
-    _check_u64("stream", stream)
-    _check_range(start, count)
-
-
-def _check_u64(name: str, value: int) -> None:
-    if not isinstance(value, int) or not 0 <= value < _U64:
-        raise ValueError(f"{name} must be an int in [0, 2**64), got {value!r}")
-
-
-def _check_range(start: int, count: int) -> None:
-    if not isinstance(start, int) or not isinstance(count, int) or start < 0 or count < 0:
-        raise ValueError(f"start and count must be non-negative ints, got {start!r}, {count!r}")
-    if start + count > _U64:
-        raise ValueError(f"element range end {start + count} exceeds 2**64 (the element space)")
+    return torch.tensor(c & MASK32, dtype=torch.int64)

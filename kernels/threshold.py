@@ -269,12 +269,18 @@ def count_keys(
     ``prefixes`` is None) or every element with ``key >> high_shift == prefixes[i]`` adds one to
     ``hists[i][(key >> shift) & (2**width - 1)]``.
     """
-    if prefixes is None and _numba16(bits) and key_mask == 0x7FFF and shift == 0 and hists[0].numel() == 1 << 15:
-        from ._numba.threshold import histogram16
+    dispatch.call("count_keys", bits.device, hists, bits, key_mask, shift, width, high_shift, prefixes)
 
-        histogram16(hists[0].numpy(), _u16(bits))
-        dispatch.ran("histogram", "numba", "cpu")
-        return
+
+def count_keys_fits_numba(hists: list[torch.Tensor], bits: torch.Tensor, key_mask: int, shift: int, width: int,
+                          high_shift: int, prefixes: Sequence[int] | None) -> bool:
+    """The compiled loop counts whole 16-bit keys into one 2**15-bin histogram."""
+    return (prefixes is None and _bits16(bits) and key_mask == 0x7FFF and shift == 0
+            and hists[0].numel() == 1 << 15)
+
+
+def count_keys_torch(hists: list[torch.Tensor], bits: torch.Tensor, key_mask: int, shift: int, width: int,
+                     high_shift: int, prefixes: Sequence[int] | None) -> None:
     for lo in range(0, bits.numel(), _PIECE):
         key = bits[lo : lo + _PIECE] & key_mask
         if prefixes is None:
@@ -321,14 +327,19 @@ def topk_mask(
         raise ValueError(f"chunk dtype {chunk.dtype} differs from the threshold's {th.dtype}")
     if th.k == 0:
         return torch.zeros(chunk.shape, dtype=torch.bool, device=chunk.device), 0
-    lay = _layout(th.dtype)
-    flat = chunk.reshape(-1).view(lay.int_dtype)
-    mask = torch.empty(flat.shape, dtype=torch.bool, device=chunk.device)
-    if _numba16(flat):
-        from ._numba.threshold import topk_mask16
+    flat = chunk.reshape(-1).view(_layout(th.dtype).int_dtype)
+    mask, n_equal = dispatch.call("topk_mask", chunk.device, flat, th, equal_seen_before)
+    return mask.reshape(chunk.shape), n_equal
 
-        n_equal = topk_mask16(mask.numpy(), _u16(flat), th.bits, th.n_equal_keep - equal_seen_before)
-        return mask.reshape(chunk.shape), int(n_equal)
+
+def topk_mask_fits_numba(flat: torch.Tensor, th: Threshold, equal_seen_before: int) -> bool:
+    return _bits16(flat)
+
+
+def topk_mask_torch(flat: torch.Tensor, th: Threshold, equal_seen_before: int) -> tuple[torch.Tensor, int]:
+    """The reference on a chunk's flat integer view: cache-sized pieces, equal keys kept in flat order."""
+    lay = _layout(th.dtype)
+    mask = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
     seen = equal_seen_before
     for lo in range(0, flat.numel(), _PIECE):
         key = flat[lo : lo + _PIECE] & lay.key_mask
@@ -343,30 +354,28 @@ def topk_mask(
         else:
             torch.gt(key, th.bits, out=out).logical_or_(equal & (equal.cumsum(0) <= room))
         seen += n_equal
-    return mask.reshape(chunk.shape), seen - equal_seen_before
+    return mask, seen - equal_seen_before
 
 
 def equal_per_row(rows: torch.Tensor, bits: Sequence[int]) -> torch.Tensor:
     """int64 ``[len(bits), rows]``: per row of a ``[rows, n]`` chunk, the keys equal to each threshold key."""
     lay = _layout(rows.dtype)
     view = rows.contiguous().view(lay.int_dtype)
-    if _numba16(view):
-        from ._numba.threshold import equal_per_row16
+    return dispatch.call("equal_per_row", rows.device, view, lay.key_mask, bits)
 
-        out = torch.empty(len(bits), rows.shape[0], dtype=torch.int64)
-        equal_per_row16(out.numpy(), _u16(view).reshape(rows.shape), torch.tensor(list(bits)).numpy())
-        return out
-    key = view & lay.key_mask
+
+def equal_per_row_fits_numba(view: torch.Tensor, key_mask: int, bits: Sequence[int]) -> bool:
+    return _bits16(view)
+
+
+def equal_per_row_torch(view: torch.Tensor, key_mask: int, bits: Sequence[int]) -> torch.Tensor:
+    key = view & key_mask
     return torch.stack([(key == b).sum(dim=1) for b in bits])
 
 
-def _numba16(bits: torch.Tensor) -> bool:
-    """Whether the numba loops take this chunk: 16-bit keys on CPU, numba chosen by ``dispatch``."""
-    return bits.dtype == torch.int16 and bits.device.type == "cpu" and dispatch.choose("histogram", "cpu") == "numba"
-
-
-def _u16(bits: torch.Tensor):
-    return bits.contiguous().numpy().view("uint16")
+def _bits16(bits: torch.Tensor) -> bool:
+    """Whether the 16-bit numba loops take this chunk: 16-bit keys on the CPU."""
+    return bits.dtype == torch.int16 and bits.device.type == "cpu"
 
 
 def find_thresholds(

@@ -23,33 +23,17 @@ switches to a different reduction order when the reduced rows are contiguous (a 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
-
 import numpy as np
 import torch
 
 from . import dispatch
+from .contract import NO_CONSENSUS_EPS, Consensus
 from .philox import KeepDraw
+from .sums import sum_models, weight_divisor
 
-__all__ = ["agree_mask", "merge_deltas", "mix", "sign_consensus", "sum_models"]
+__all__ = ["Consensus", "agree_mask", "bf16_bits", "merge_deltas", "mix", "sign_consensus", "sum_models"]
 
-Consensus = Literal["sum", "count"]
-_NO_CONSENSUS_EPS = 1e-8  # mergekit's guard on the weight sum without consensus
 _BAND = 1 << 16  # elements per model per band: keeps the ~10 temporaries of a band in cache
-
-
-def sum_models(x: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 0 in model order, from zero; reduced floats accumulate in fp32, round once."""
-    if x.dtype in (torch.bfloat16, torch.float16):
-        acc_dtype = torch.float32
-    elif x.dtype == torch.bool or not x.dtype.is_floating_point:
-        acc_dtype = torch.int64
-    else:
-        acc_dtype = x.dtype
-    acc = torch.zeros(x.shape[1:], dtype=acc_dtype, device=x.device)
-    for k in range(x.shape[0]):
-        acc += x[k]
-    return acc if acc_dtype == torch.int64 else acc.to(x.dtype)
 
 
 def sign_consensus(weighted_deltas: torch.Tensor, method: Consensus = "sum") -> torch.Tensor:
@@ -132,42 +116,64 @@ def merge_deltas(
         raise ValueError("merge_deltas needs deltas or the experts they come from")
     if consensus not in (None, "sum", "count"):
         raise ValueError(f"consensus must be None, 'sum' or 'count', got {consensus!r}")
-    k = len(experts) if deltas is None else deltas.shape[0]
-    impl = dispatch.choose("taskvec", base.device)
-    if impl == "triton" and experts is not None and 1 <= len(experts) <= 8:
-        from ._triton.taskvec import task_vector_mix
+    return dispatch.call("merge_deltas", base.device, base, deltas, weights, mask, scale=scale, consensus=consensus,
+                         normalize=normalize, lam=lam, experts=experts)
 
-        if isinstance(mask, KeepDraw):
-            mask = mask.tensor((k, *base.shape), base.device)
-        out = task_vector_mix(base, list(experts), weights, mask=mask, scale=scale, consensus=consensus,
-                              normalize=normalize, lam=lam)
-        dispatch.ran("taskvec", impl, base.device)
-        return out
+
+def merge_deltas_fits_triton(base: torch.Tensor, deltas: torch.Tensor | None, weights: Sequence[float],
+                             mask: torch.Tensor | KeepDraw | None, **kw) -> bool:
+    """The Triton launch takes up to 8 experts (not stacked deltas)."""
+    experts = kw["experts"]
+    return experts is not None and 1 <= len(experts) <= 8
+
+
+def merge_deltas_triton(base: torch.Tensor, deltas: torch.Tensor | None, weights: Sequence[float],
+                        mask: torch.Tensor | KeepDraw | None, *, scale, consensus, normalize, lam, experts) -> torch.Tensor:
+    from ._triton.taskvec import task_vector_mix
+
+    if isinstance(mask, KeepDraw):
+        mask = mask.tensor((len(experts), *base.shape), base.device)
+    return task_vector_mix(base, list(experts), weights, mask=mask, scale=scale, consensus=consensus,
+                           normalize=normalize, lam=lam)
+
+
+def merge_deltas_fits_numba(base: torch.Tensor, deltas: torch.Tensor | None, weights: Sequence[float],
+                            mask: torch.Tensor | KeepDraw | None, **kw) -> bool:
+    """The fused loop takes bf16 on the CPU, deltas or experts shaped like the base."""
+    experts = kw["experts"]
+    k = len(experts) if deltas is None else deltas.shape[0]
     inputs = list(experts) if deltas is None else [deltas]
-    fusable = (
-        impl == "numba" and base.dtype == torch.bfloat16 and base.device.type == "cpu"
+    return (
+        base.dtype == torch.bfloat16 and base.device.type == "cpu"
         and all(x.dtype == torch.bfloat16 for x in inputs)
         and (all(x.shape == base.shape for x in inputs) if deltas is None else deltas.shape[1:] == base.shape)
         and (not isinstance(mask, torch.Tensor) or mask.shape == (k, *base.shape))
     )
-    if not fusable:
-        dispatch.ran("taskvec", "torch", base.device)
-        if deltas is None:
-            deltas = torch.stack([e - base for e in experts])
-        if isinstance(mask, KeepDraw):
-            mask = mask.tensor(tuple(deltas.shape), base.device)
-        mixed = mix(deltas, weights, mask, scale=scale, consensus=consensus, normalize=normalize, lam=lam)
-        return (base + mixed).to(base.dtype)
+
+
+def merge_deltas_torch(base: torch.Tensor, deltas: torch.Tensor | None, weights: Sequence[float],
+                       mask: torch.Tensor | KeepDraw | None, *, scale, consensus, normalize, lam, experts) -> torch.Tensor:
+    """The reference: stack δ, draw the masks, ``mix``, add the base."""
+    if deltas is None:
+        deltas = torch.stack([e - base for e in experts])
+    if isinstance(mask, KeepDraw):
+        mask = mask.tensor(tuple(deltas.shape), base.device)
+    mixed = mix(deltas, weights, mask, scale=scale, consensus=consensus, normalize=normalize, lam=lam)
+    return (base + mixed).to(base.dtype)
+
+
+def merge_deltas_numba(base: torch.Tensor, deltas: torch.Tensor | None, weights: Sequence[float],
+                       mask: torch.Tensor | KeepDraw | None, *, scale, consensus, normalize, lam, experts) -> torch.Tensor:
     from ._numba import taskvec as kernel
 
+    k = len(experts) if deltas is None else deltas.shape[0]
     per_model = torch.empty(k, 1)   # the [K, ...] shape _per_model checks values against
     w = _per_model(weights, per_model, torch.bfloat16).reshape(k)
     s = None if scale is None else _per_model(scale, per_model, torch.bfloat16).reshape(k)
-    divisor = sum_models(w.unsqueeze(1))
-    divisor = torch.where(divisor.abs() < _NO_CONSENSUS_EPS, torch.ones((), dtype=w.dtype), divisor)
+    divisor = weight_divisor(w)
     codes = {None: kernel.NO_CONSENSUS, "sum": kernel.SUM, "count": kernel.COUNT}
     out = torch.empty(base.shape, dtype=base.dtype)
-    sources = tuple(_bits(x) for x in experts) if deltas is None else tuple(_bits(deltas).reshape(k, -1))
+    sources = tuple(bf16_bits(x) for x in experts) if deltas is None else tuple(bf16_bits(deltas).reshape(k, -1))
     draw = mask if isinstance(mask, KeepDraw) else None
     none = np.empty(0, np.uint8)
     cached = (draw is not None and draw.packed is not None and len(draw.packed) == k
@@ -175,19 +181,18 @@ def merge_deltas(
     packed = tuple(none if b is None else b for b in draw.packed) if cached else (none,) * k
     keep = mask.contiguous().reshape(k, -1) if isinstance(mask, torch.Tensor) else torch.empty((0, 0), dtype=torch.bool)
     kernel.mix_bf16(
-        _bits(out), _bits(base), sources, deltas is None, keep.numpy(),
+        bf16_bits(out), bf16_bits(base), sources, deltas is None, keep.numpy(),
         np.uint64(draw.seed if draw else 0), np.array(draw.streams if draw else [], dtype=np.uint64),
         np.uint64(draw.start if draw else 0), np.array(draw.limits() if draw else [], dtype=np.uint64), packed, cached,
         (torch.empty(0) if s is None else s.float()).numpy(), w.float().numpy(),
         codes[consensus], bool(normalize), np.float32(lam), np.float32(divisor.float().item()),
     )
-    dispatch.ran("taskvec", impl, base.device)
     if draw is not None and not cached:
-        dispatch.ran("philox", impl, base.device)
+        dispatch.ran("philox", "numba", base.device)  # the loop drew DARE's masks itself
     return out
 
 
-def _bits(t: torch.Tensor):
+def bf16_bits(t: torch.Tensor):
     """A uint16 numpy view of a contiguous bf16 tensor's bits (shares memory)."""
     return t.contiguous().view(torch.int16).numpy().view("uint16").reshape(-1)
 
@@ -215,7 +220,7 @@ def _mix_band(
     else:
         mixed = sum_models(d)
         divisor = sum_models(w)
-        divisor = torch.where(divisor.abs() < _NO_CONSENSUS_EPS, one, divisor)
+        divisor = torch.where(divisor.abs() < NO_CONSENSUS_EPS, one, divisor)
     if normalize:
         mixed = mixed / divisor
     if lam != 1:

@@ -28,7 +28,7 @@ def _as_u32(typingctx, x):
 
 
 @intrinsic
-def _as_f32(typingctx, x):
+def as_f32(typingctx, x):
     """Reinterpret uint32 bits as float32."""
     if x != types.uint32:
         return None
@@ -38,7 +38,7 @@ def _as_f32(typingctx, x):
 @nb.njit(inline="always", nogil=True, cache=True)
 def bf2f(h):
     """The float32 value of bf16 bits ``h`` (uint16): exact."""
-    return _as_f32(np.uint32(np.uint32(h) << _SIXTEEN))
+    return as_f32(np.uint32(np.uint32(h) << _SIXTEEN))
 
 
 @nb.njit(inline="always", nogil=True, cache=True)

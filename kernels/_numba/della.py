@@ -11,7 +11,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from .philox import _fill
+from .philox import fill
 
 _KEY = np.uint16(0x7FFF)
 _NAN_KEY = np.uint16(0x7F81)
@@ -54,7 +54,7 @@ def keep_rows_bf16(out, d, lo, span, seed, stream, start):
             b = key[c] >> 8
             order[high[b]] = c
             high[b] += 1
-        _fill(u, seed, stream, start + np.uint64(r * n), 1, np.uint64(0))
+        fill(u, seed, stream, start + np.uint64(r * n), 1, np.uint64(0))
         base = r * n
         for i in range(n):
             c = order[i]

@@ -10,12 +10,12 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from ._bits import _as_f32, rnd
+from ._bits import as_f32, rnd
 
 
 @nb.njit(inline="always", nogil=True, cache=True)
 def _dec(bits, shift):
-    return _as_f32(np.uint32(np.uint32(bits) << shift))
+    return as_f32(np.uint32(np.uint32(bits) << shift))
 
 
 @nb.njit(inline="always", nogil=True, cache=True)
@@ -27,22 +27,22 @@ def _prod(x, y, rounded, shift):
     return np.float64(x) * np.float64(y)
 
 
-# Element c of a row or segment adds into lane c % _LANES (counted from the segment's start), then the
+# Element c of a row or segment adds into lane c % LANES (counted from the segment's start), then the
 # lanes in order: an array of lanes vectorizes where four scalar accumulators stayed scalar (~0.13 vs
 # ~0.55 ns an element), and the order is fixed by position, so banding never changes a sum.
-_LANES = 64
+LANES = 64
 
 
 @nb.njit(inline="always", nogil=True, cache=True)
 def fold(acc):
     """The lanes of ``acc`` added in order."""
     t = 0.0
-    for lane in range(_LANES):
+    for lane in range(LANES):
         t += acc[lane]
     return t
 
 
-_TILE = 512   # elements of every model's difference formed at once: a multiple of _LANES, divides segments
+_TILE = 512   # elements of every model's difference formed at once: a multiple of LANES, divides segments
 
 
 @nb.njit(inline="always", nogil=True, cache=True)
@@ -62,7 +62,7 @@ def gram_segments(xs, base, has_base, pi, pj, rounded, shift, seg, out):
     n_pairs = pi.size
     nseg = (m + seg - 1) // seg
     v = np.empty((k_models, _TILE), np.float32)
-    acc = np.empty((n_pairs, _LANES))
+    acc = np.empty((n_pairs, LANES))
     for r in range(rows):
         br = base[r] if has_base else base[0]
         for s in range(nseg):
@@ -81,16 +81,16 @@ def gram_segments(xs, base, has_base, pi, pj, rounded, shift, seg, out):
                     else:
                         for j in range(mm):
                             vk[j] = _dec(xk[j], shift)
-                whole = mm - mm % _LANES
+                whole = mm - mm % LANES
                 for p in range(n_pairs):
                     a = v[pi[p]]
                     b = v[pj[p]]
                     ap = acc[p]
                     rp = rounded[p]
-                    for c0 in range(0, whole, _LANES):
-                        x = a[c0:c0 + _LANES]
-                        y = b[c0:c0 + _LANES]
-                        for lane in range(_LANES):
+                    for c0 in range(0, whole, LANES):
+                        x = a[c0:c0 + LANES]
+                        y = b[c0:c0 + LANES]
+                        for lane in range(LANES):
                             ap[lane] += _prod(x[lane], y[lane], rp, shift)
                     for c in range(whole, mm):
                         ap[c - whole] += _prod(a[c], b[c], rp, shift)

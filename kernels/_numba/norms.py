@@ -6,8 +6,8 @@ import numba as nb
 import numpy as np
 
 from ._bits import bf2f, f2bf
-from .dots import _LANES, fold
-from .philox import _fill
+from .dots import LANES, fold
+from .philox import fill
 
 _ABS = np.uint16(0x7FFF)
 
@@ -21,18 +21,18 @@ def _mag(bits):
 def _row_sums(row, keep, has_keep, acc, acc_kept):
     """(Σ |row|, Σ |row| where ``keep``) of one row of bf16 bits, in lanes."""
     n = row.size
-    whole = n - n % _LANES
+    whole = n - n % LANES
     acc[:] = 0.0
     acc_kept[:] = 0.0
-    for c0 in range(0, whole, _LANES):
-        r = row[c0:c0 + _LANES]
+    for c0 in range(0, whole, LANES):
+        r = row[c0:c0 + LANES]
         if has_keep:
-            k = keep[c0:c0 + _LANES]
-            for lane in range(_LANES):
+            k = keep[c0:c0 + LANES]
+            for lane in range(LANES):
                 acc[lane] += _mag(r[lane])
                 acc_kept[lane] += _mag(r[lane] & (np.uint16(0) - np.uint16(k[lane])))
         else:
-            for lane in range(_LANES):
+            for lane in range(LANES):
                 acc[lane] += _mag(r[lane])
     for c in range(whole, n):
         acc[c - whole] += _mag(row[c])
@@ -45,12 +45,12 @@ def _row_sums(row, keep, has_keep, acc, acc_kept):
 def row_l1_bf16(d, mask, l1, kept):
     """``l1[k, r] = Σ_c |d[k, r, c]|``, ``kept[k, r]`` the same over ``mask`` (or all when it is empty).
 
-    float64 sums in a fixed order per row (see ``dots._LANES``), so banding never changes a sum.
+    float64 sums in a fixed order per row (see ``dots.LANES``), so banding never changes a sum.
     """
     k_models, rows, n = d.shape
     has_mask = mask.shape[0] > 0
-    acc = np.empty(_LANES)
-    acc_kept = np.empty(_LANES)
+    acc = np.empty(LANES)
+    acc_kept = np.empty(LANES)
     for k in range(k_models):
         for r in range(rows):
             keep = mask[k, r] if has_mask else mask.reshape(-1)[:0]
@@ -85,8 +85,8 @@ def dare_row_l1_bf16(e, b, seed, stream, start, limit, apply, l1, kept, packed):
     rows, n = e.shape
     d = np.empty(n, np.uint16)
     keep = np.empty(n, np.bool_)
-    acc = np.empty(_LANES)
-    acc_kept = np.empty(_LANES)
+    acc = np.empty(LANES)
+    acc_kept = np.empty(LANES)
     store = packed.size > 0
     if store:
         packed[:] = 0
@@ -96,7 +96,7 @@ def dare_row_l1_bf16(e, b, seed, stream, start, limit, apply, l1, kept, packed):
         for c in range(n):
             d[c] = f2bf(bf2f(er[c]) - bf2f(br[c]))
         if apply:
-            _fill(keep, seed, stream, start + np.uint64(r * n), 2, limit)
+            fill(keep, seed, stream, start + np.uint64(r * n), 2, limit)
             if store:
                 _pack(keep, packed, r * n)
         l1[r], kept[r] = _row_sums(d, keep, apply, acc, acc_kept)

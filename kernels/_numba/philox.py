@@ -56,7 +56,7 @@ def word_at(w0, w1, w2, w3, j):
 
 
 @nb.njit(nogil=True, cache=True)
-def _fill(out, seed, stream, start, kind, limit):
+def fill(out, seed, stream, start, kind, limit):
     """Head (partial block), a branch-free loop over whole blocks, tail: the middle vectorizes."""
     k0, k1 = seed & _M, seed >> _32
     s0, s1 = stream & _M, stream >> _32
@@ -109,17 +109,17 @@ def _put(out, i, w, kind, limit):
 
 def words_into(out: np.ndarray, seed: int, stream: int, start: int) -> None:
     """``out[i]`` = word of element ``start + i`` (out: int64 array)."""
-    _fill(out, np.uint64(seed), np.uint64(stream), np.uint64(start), 0, np.uint64(0))
+    fill(out, np.uint64(seed), np.uint64(stream), np.uint64(start), 0, np.uint64(0))
 
 
 def uniform_into(out: np.ndarray, seed: int, stream: int, start: int) -> None:
     """``out[i]`` = float32 uniform ``(word >> 8) * 2**-24`` of element ``start + i``."""
-    _fill(out, np.uint64(seed), np.uint64(stream), np.uint64(start), 1, np.uint64(0))
+    fill(out, np.uint64(seed), np.uint64(stream), np.uint64(start), 1, np.uint64(0))
 
 
 def keep_into(out: np.ndarray, seed: int, stream: int, start: int, limit: int) -> None:
     """``out[i]`` = word of element ``start + i`` < ``limit`` (DARE's keep with a float p)."""
-    _fill(out, np.uint64(seed), np.uint64(stream), np.uint64(start), 2, np.uint64(limit))
+    fill(out, np.uint64(seed), np.uint64(stream), np.uint64(start), 2, np.uint64(limit))
 
 
 @nb.njit(inline="always", nogil=True, cache=True)

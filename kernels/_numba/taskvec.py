@@ -12,7 +12,7 @@ import numba as nb
 import numpy as np
 
 from ._bits import bf2f, f2bf, rnd
-from .philox import _fill
+from .philox import fill
 
 NO_CONSENSUS, SUM, COUNT = 0, 1, 2
 
@@ -86,7 +86,7 @@ def mix_bf16(out, base, ds, from_experts, mask, seed, streams, start, limits, ca
                 if use_cached:
                     _unpack(cached[k], t0, m, keep)
                 else:
-                    _fill(keep[:m], seed, streams[k], start + np.uint64(t0), 2, limits[k])
+                    fill(keep[:m], seed, streams[k], start + np.uint64(t0), 2, limits[k])
                 for j in range(m):
                     wdk[j] = wdk[j] * np.float32(keep[j])
             if has_scale:

@@ -43,3 +43,33 @@ def topk_mask16(out, bits, th, room):
         out[i] = (key > th) | (eq & (seen < room))
         seen += eq
     return seen
+
+
+# The dispatch table's numba implementations of the histogram ops: the ops' own names and arguments
+# (``kernels/threshold.py`` holds the torch ones and the predicates that route 16-bit CPU keys here).
+
+def count_keys(hists, bits, key_mask: int, shift: int, width: int, high_shift: int, prefixes) -> None:
+    """``threshold.count_keys`` for whole 16-bit keys into one 2**15-bin histogram."""
+    histogram16(hists[0].numpy(), _u16(bits))
+
+
+def topk_mask(flat, th, equal_seen_before: int):
+    """``threshold.topk_mask`` on a chunk's flat int16 view: (mask, equal keys in this chunk)."""
+    import torch
+
+    mask = torch.empty(flat.shape, dtype=torch.bool)
+    n_equal = topk_mask16(mask.numpy(), _u16(flat), th.bits, th.n_equal_keep - equal_seen_before)
+    return mask, int(n_equal)
+
+
+def equal_per_row(view, key_mask: int, bits):
+    """``threshold.equal_per_row`` on a ``[rows, n]`` int16 view."""
+    import torch
+
+    out = torch.empty(len(bits), view.shape[0], dtype=torch.int64)
+    equal_per_row16(out.numpy(), _u16(view), np.array(list(bits), dtype=np.int64))
+    return out
+
+
+def _u16(bits):
+    return bits.contiguous().numpy().view("uint16")

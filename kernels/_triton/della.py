@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..philox import _MASK32, _check_args
-from .philox import _philox_rounds
+from ..contract import MASK32, check_args
+from .philox import philox_rounds
 
 __all__ = ["della_keep", "della_probability"]
 
@@ -74,7 +74,7 @@ def _della_kernel(
         e = offset.to(tl.int64) + r * n64 + i  # stream element, less 4 * first_block
         q = first_block.to(tl.int64) + (e >> 2)
         zero = tl.full([BI], 0, tl.uint32)
-        w0, w1, w2, w3 = _philox_rounds(
+        w0, w1, w2, w3 = philox_rounds(
             (q & 0xFFFFFFFF).to(tl.uint32),
             (q >> 32).to(tl.uint32),
             zero + tl.load(ipar_ptr + 2).to(tl.uint32),
@@ -94,7 +94,7 @@ def della_keep(
     rows: torch.Tensor, density: float, epsilon: float, seed: int, stream: int, start: int
 ) -> torch.Tensor:
     """Keep mask (bool, flat) of a ``[rows, n]`` δ band whose first element is ``start`` of the stream."""
-    _check_args(seed, stream, start, rows.numel())
+    check_args(seed, stream, start, rows.numel())
     return _launch(rows, density, epsilon, (seed, stream, start))
 
 
@@ -120,7 +120,7 @@ def _launch(rows: torch.Tensor, density: float, epsilon: float, draw: tuple[int,
         # The torch expression's Python-float scalars become float32 when they meet the fp32 ranks.
         fpar = torch.tensor([density - epsilon, 2 * epsilon], dtype=torch.float64).float().to(rows.device)
         ipar = torch.tensor(
-            [seed & _MASK32, seed >> 32, stream & _MASK32, stream >> 32], dtype=torch.int64, device=rows.device
+            [seed & MASK32, seed >> 32, stream & MASK32, stream >> 32], dtype=torch.int64, device=rows.device
         )
         _della_kernel[(n_rows, triton.cdiv(n, _BI))](
             rows.view(torch.int16) if dt == 1 else rows,

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..philox import _MASK32, _ceil_scaled, _check_args
+from ..contract import MASK32, ceil_scaled, check_args
 
 _BLOCK = 256  # counters per program: 1024 output elements
 
@@ -20,7 +20,7 @@ _WORDS, _UNIFORM, _KEEP = 0, 1, 2
 
 
 @triton.jit
-def _philox_rounds(c0, c1, c2, c3, k0, k1):
+def philox_rounds(c0, c1, c2, c3, k0, k1):
     for _ in tl.static_range(10):
         a0 = c0
         a2 = c2
@@ -61,7 +61,7 @@ def _philox_kernel(
     c3 = zero + stream_hi.to(tl.int64).to(tl.uint32)
     k0 = seed_lo.to(tl.int64).to(tl.uint32)
     k1 = seed_hi.to(tl.int64).to(tl.uint32)
-    w0, w1, w2, w3 = _philox_rounds(c0, c1, c2, c3, k0, k1)
+    w0, w1, w2, w3 = philox_rounds(c0, c1, c2, c3, k0, k1)
     base = q * 4 - start.to(tl.int64)  # output index of word 0 of each counter
     _store_word(out_ptr, base + 0, w0, count, limit, KIND)
     _store_word(out_ptr, base + 1, w1, count, limit, KIND)
@@ -82,7 +82,7 @@ def _store_word(out_ptr, idx, w, count, limit, KIND: tl.constexpr):
 
 
 def _launch(kind: int, seed: int, stream: int, start: int, count: int, device, limit: int = 0):
-    _check_args(seed, stream, start, count)
+    check_args(seed, stream, start, count)
     dtype = {_WORDS: torch.int64, _UNIFORM: torch.float32, _KEEP: torch.int8}[kind]
     out = torch.empty(count, dtype=dtype, device=device)
     if count == 0:
@@ -91,9 +91,9 @@ def _launch(kind: int, seed: int, stream: int, start: int, count: int, device, l
     grid = (triton.cdiv(last - first, _BLOCK),)
     _philox_kernel[grid](
         out,
-        seed & _MASK32,
+        seed & MASK32,
         seed >> 32,
-        stream & _MASK32,
+        stream & MASK32,
         stream >> 32,
         first,
         start,
@@ -125,7 +125,7 @@ def bernoulli_keep(
     p = float(p)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"keep probability p must be in [0, 1], got {p}")
-    out = _launch(_KEEP, seed, stream, start, count, _device(device), _ceil_scaled(p) << 8)
+    out = _launch(_KEEP, seed, stream, start, count, _device(device), ceil_scaled(p) << 8)
     return out.view(torch.bool)
 
 

@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..philox import _MASK32, _ceil_scaled, _check_args
-from ..vote import _NO_CONSENSUS_EPS, Consensus, sum_models
-from .philox import _philox_rounds
+from ..contract import MASK32, Consensus, ceil_scaled, check_args
+from ..sums import weight_divisor
+from .philox import philox_rounds
 
 __all__ = ["task_vector_mix"]
 
@@ -132,7 +132,7 @@ def _taskvec_kernel(
         elif MASK == 2:
             s0 = zero_u + tl.load(ipar_ptr + 2 + 3 * k).to(tl.uint32)
             s1 = zero_u + tl.load(ipar_ptr + 3 + 3 * k).to(tl.uint32)
-            w0, w1, w2, w3 = _philox_rounds(c0, c1, s0, s1, key0, key1)
+            w0, w1, w2, w3 = philox_rounds(c0, c1, s0, s1, key0, key1)
             word = _lane_word(lane[None, :], w0, w1, w2, w3)
             keep = word.to(tl.int64) < tl.load(ipar_ptr + 4 + 3 * k)
             d = d * keep.to(tl.float32)
@@ -207,8 +207,7 @@ def task_vector_mix(
     n = base.numel()
     w = _per_model(weights, k, base.dtype, "weights")
     s = None if scale is None else _per_model(scale, k, base.dtype, "scale")
-    divisor = sum_models(w.unsqueeze(1))
-    divisor = torch.where(divisor.abs() < _NO_CONSENSUS_EPS, torch.ones((), dtype=w.dtype), divisor)
+    divisor = weight_divisor(w)
     lam32 = torch.tensor([lam], dtype=torch.float64).float()
     fpar = torch.cat(
         [w.float(), (w if s is None else s).float(), lam32, divisor.float().reshape(1)]
@@ -227,12 +226,12 @@ def task_vector_mix(
         ps = [float(p)] * k if isinstance(p, (int, float)) else [float(v) for v in p]
         if len(streams) != k or len(ps) != k:
             raise ValueError(f"dare needs one stream and one p per expert ({k}), got {len(streams)}, {len(ps)}")
-        ipar = [seed & _MASK32, seed >> 32]
+        ipar = [seed & MASK32, seed >> 32]
         for stream, pk in zip(streams, ps):
-            _check_args(seed, stream, start, n)
+            check_args(seed, stream, start, n)
             if not 0.0 <= pk <= 1.0:
                 raise ValueError(f"keep probability p must be in [0, 1], got {pk}")
-            ipar += [stream & _MASK32, stream >> 32, _ceil_scaled(pk) << 8]
+            ipar += [stream & MASK32, stream >> 32, ceil_scaled(pk) << 8]
         first_block, offset = start >> 2, start & 3
 
     out = torch.empty_like(base, memory_format=torch.contiguous_format)
