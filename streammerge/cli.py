@@ -14,8 +14,20 @@ import sys
 import threading
 from pathlib import Path
 
+from .demo import TEMPLATES
 from .errors import ConfigError
-from .options import MAX_PREFETCH, MAX_SEED, MAX_THREADS, check_int, parse_size
+from .options import (
+    MAX_THREADS,
+    MERGEKIT_IGNORED_FLAGS,
+    MERGEKIT_IGNORED_VALUES,
+    Alias,
+    Flag,
+    RunOptions,
+    check_int,
+    option_flags,
+    parse_size,
+)
+from .synth_spec import DTYPE_SIZES, PRESETS
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 COMMANDS = ("run", "check", "demo", "synth", "bench")
@@ -42,49 +54,54 @@ def _int_flag(flag: str, lo: int, hi: int | None = None):
     return parse
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-memory", default=None,
-                   type=_size_flag("--max-memory", "write a size such as 2GiB or 512MiB, or leave --max-memory out "
-                                                   "for the default (half the available RAM, 1-16 GiB)"),
-                   help="hard ceiling on resident memory, e.g. 1GiB (default: half the available RAM, 1-16 GiB)")
-    p.add_argument("--max-gpu-memory", default=None,
-                   type=_size_flag("--max-gpu-memory", "write a size such as 8GiB, or leave --max-gpu-memory out for "
-                                                       "80% of the GPU's memory"),
-                   help="ceiling on the device buffers of a CUDA run, e.g. 8GiB (default: 80%% of the GPU's memory)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="where to compute (default: cpu)")
-    p.add_argument("--cuda", action="store_true", help="mergekit alias for --device cuda")
-    p.add_argument("--out-shard-size", default="5B",
-                   type=_size_flag("--out-shard-size", "write a size such as 5B (mergekit's default, 5e9 bytes) or 2GiB"),
-                   help="maximum output shard size (default: 5B, mergekit's: 5e9 bytes)")
-    p.add_argument("--random-seed", type=_int_flag("--random-seed", 0, MAX_SEED), default=0,
-                   help="seed of the counter-based random masks, 0 to 2^64-1 (default: 0)")
-    p.add_argument("--chunk-rows", type=_int_flag("--chunk-rows", 1), default=None, help=argparse.SUPPRESS)
-    p.add_argument("--prefetch", type=_int_flag("--prefetch", 1, MAX_PREFETCH), default=2,
-                   help="row bands read ahead of the compute, 1 to 64 (default: 2)")
+def _reader(flag: Flag, bounds: tuple[int, int | None] | None):
+    """The argparse type of a flag that takes a value: how its text is read and range-checked."""
+    if flag.kind == "size":
+        return _size_flag(flag.name, flag.hint)
+    if flag.kind == "int" and bounds is not None:
+        return _int_flag(flag.name, *bounds)
+    raise ValueError(f"RunOptions flag {flag.name}: kind {flag.kind!r} needs an integer range")
+
+
+def _alias_dest(alias: Alias) -> str:
+    return alias.flag.lstrip("-").replace("-", "_")
+
+
+def _add_options(p: argparse.ArgumentParser, command: str) -> None:
+    """The RunOptions flags `command` takes, generated from the fields' metadata (options.Flag). Every
+    flag defaults to None, which `options_from_args` reads as "the field's default"."""
+    for field, flag, bounds in option_flags():
+        if command not in flag.commands:
+            continue
+        text = argparse.SUPPRESS if flag.hidden else flag.help and flag.help.replace("%", "%%")
+        if flag.kind == "switch":
+            p.add_argument(flag.name, dest=field, action="store_const", const=flag.sets, default=None, help=text)
+            if flag.negation:
+                p.add_argument(flag.negation, dest=field, action="store_const", const=not flag.sets)
+        elif flag.kind == "choice":
+            p.add_argument(flag.name, dest=field, default=None, choices=flag.choices, help=text)
+        else:
+            p.add_argument(flag.name, dest=field, default=None, type=_reader(flag, bounds), help=text,
+                           metavar=flag.name.lstrip("-").upper().replace("-", "_"))
+        for alias in flag.aliases:
+            p.add_argument(alias.flag, dest=_alias_dest(alias), action="store_true", help=alias.help)
+
+
+def _alternatives(names) -> str:
+    """'a, b or c': the valid names, listed in help texts from the tables that define them."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="mergekit YAML config")
     p.add_argument("out", help="output folder")
-    _common(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted merge into OUT")
+    _add_options(p, "run")
     p.add_argument("--report", default=None, metavar="FILE.json", help="write the run report as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-fsync", action="store_true",
-                   help="skip fsync before each shard's rename: faster, still safe if the process is killed, "
-                        "not if the machine loses power")
-    p.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", default=True,
-                   help="copy tokenizer files (default)")
-    p.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false")
-    p.add_argument("--write-model-card", dest="write_model_card", action="store_true", default=True)
-    p.add_argument("--no-write-model-card", dest="write_model_card", action="store_false")
-    p.add_argument("--allow-crimes", action="store_true", help="mergekit flag: accepted")
-    for noop in ("--lazy-unpickle", "--low-cpu-memory", "--safe-serialization", "--trust-remote-code",
-                 "--read-to-gpu", "--lazy-loader", "--verbose", "-v", "--quiet", "--multi-gpu"):
+    for noop in MERGEKIT_IGNORED_FLAGS:
         p.add_argument(noop, action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--transformers-cache", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--lora-merge-cache", default=None, help=argparse.SUPPRESS)
+    for ignored in MERGEKIT_IGNORED_VALUES:
+        p.add_argument(ignored, default=None, help=argparse.SUPPRESS)
     p.add_argument("--num-threads", type=_int_flag("--num-threads", 1, MAX_THREADS), default=None,
                    help="torch intra-op threads, 1 to 1024 (default: torch's)")
 
@@ -96,23 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     _run_args(sub.add_parser("run", help="merge CONFIG into OUT"))
     pc = sub.add_parser("check", help="validate CONFIG and print the plan; reads headers only")
     pc.add_argument("config")
-    _common(pc)
+    _add_options(pc, "check")
     pd = sub.add_parser("demo", help="make tiny checkpoints and merge them")
     pd.add_argument("--out", default=None, help="keep the demo folder here (default: a temporary folder)")
     pd.add_argument("--method", default="linear", help="method for the demo merge (default: linear)")
     pd.add_argument("--no-progress", action="store_true")
     pb = sub.add_parser("bench", help="merge synthetic checkpoints and print the per-shard throughput")
-    pb.add_argument("--preset", default="small", help="tiny, small, 1b or 3b (default: small)")
-    pb.add_argument("--method", default="linear", help="linear, task_arithmetic, slerp, ties, dare_ties, della or passthrough (default: linear)")
+    pb.add_argument("--preset", default="small", help=f"{_alternatives(PRESETS)} (default: small)")
+    pb.add_argument("--method", default="linear", help=f"{_alternatives(TEMPLATES)} (default: linear)")
     pb.add_argument("--data", default=None, help="keep (and reuse) the synthetic inputs here (default: a temporary folder)")
     pb.add_argument("--report", default=None, metavar="FILE.json", help="write the run report as JSON")
-    _common(pb)
+    _add_options(pb, "bench")
     ps = sub.add_parser("synth", help="write seeded synthetic Llama-shaped checkpoints")
     ps.add_argument("out")
-    ps.add_argument("--preset", default="tiny", help="tiny, small, 1b or 3b (default: tiny)")
+    ps.add_argument("--preset", default="tiny", help=f"{_alternatives(PRESETS)} (default: tiny)")
     ps.add_argument("--experts", type=_int_flag("--experts", 1, 64), default=2, help="1 to 64 (default: 2)")
     ps.add_argument("--seed", type=_int_flag("--seed", 0, 2**63 - 1), default=0, help="0 to 2^63-1 (default: 0)")
-    ps.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the preset's)")
+    ps.add_argument("--dtype", default=None, help=f"{_alternatives(DTYPE_SIZES)} (default: the preset's)")
     return parser
 
 
@@ -122,15 +139,21 @@ def _version() -> str:
     return f"streammerge {__version__}"
 
 
-def _options(args: argparse.Namespace, **extra):
-    from .options import RunOptions
-
-    device = "cuda" if getattr(args, "cuda", False) else args.device
-    return RunOptions(
-        # sizes were parsed and range-checked by argparse; None (flag absent) is the only way to the default
-        max_memory=args.max_memory or 0, max_gpu_memory=args.max_gpu_memory or 0,
-        device=device, out_shard_size=args.out_shard_size,
-        seed=args.random_seed, chunk_rows=args.chunk_rows, prefetch=args.prefetch, **extra)
+def options_from_args(args: argparse.Namespace, **extra) -> RunOptions:
+    """RunOptions from the flags `args.command` takes. A flag left out (None) gives the field's default
+    (sizes were parsed and range-checked by argparse, so None is the only way to a default); a mergekit
+    alias given wins over its flag (`--cuda --device cpu` computes on cuda)."""
+    values: dict[str, object] = {}
+    for field, flag, _ in option_flags():
+        if args.command not in flag.commands:
+            continue
+        value = getattr(args, field)
+        for alias in flag.aliases:
+            if getattr(args, _alias_dest(alias)):
+                value = alias.value
+        if value is not None:
+            values[field] = value
+    return RunOptions(**{**values, **extra})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,10 +261,7 @@ def _cmd_run(args: argparse.Namespace, console) -> int:
         import torch
 
         torch.set_num_threads(args.num_threads)
-    options = _options(args, overwrite=args.overwrite, resume=args.resume, copy_tokenizer=args.copy_tokenizer,
-                       write_model_card=args.write_model_card, allow_crimes=args.allow_crimes,
-                       progress=not args.no_progress, fsync=not args.no_fsync)
-    report = run_with_progress(args.config, args.out, options, console)
+    report = run_with_progress(args.config, args.out, options_from_args(args), console)
     report.print(console)
     if args.report:
         report.write_json(Path(args.report))
@@ -252,7 +272,7 @@ def _cmd_check(args: argparse.Namespace, console) -> int:
     from .merge import check
     from .plan.explain import print_plan
 
-    plan = check(args.config, _options(args))
+    plan = check(args.config, options_from_args(args))
     print_plan(plan, console)
     return EXIT_OK
 
@@ -270,7 +290,7 @@ def _cmd_bench(args: argparse.Namespace, console) -> int:
     if args.report:
         check_report_path(args.report)
 
-    report = bench(console, _options(args, overwrite=True, progress=True), args.preset, args.method,
+    report = bench(console, options_from_args(args, overwrite=True, progress=True), args.preset, args.method,
                    Path(args.data) if args.data else None)
     if report is None:
         return EXIT_USAGE

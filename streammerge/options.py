@@ -1,11 +1,15 @@
 """Run options, declared once: the CLI builds them from flags, the library takes them as given.
 
+Each `RunOptions` field carries its own command-line spelling in its metadata (`Flag`: the flag, its
+help, its mergekit aliases, how its text is read, which subcommands take it) and its range; `cli.py`
+generates the flags from these and `__post_init__` checks the range, so neither restates an option.
 Every number is range-checked here, where it enters: a size, a seed or a count from a flag or a
 caller never reaches a loop or an allocation unchecked.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from decimal import Decimal
@@ -89,33 +93,100 @@ def default_max_memory() -> int:
     return max(1 << 30, min(avail // 2, 16 << 30))
 
 
+MERGE_COMMANDS = ("run", "check", "bench")  # the subcommands that build a RunOptions
+MERGEKIT_IGNORED_FLAGS = ("--lazy-unpickle", "--low-cpu-memory", "--safe-serialization", "--trust-remote-code",
+                          "--read-to-gpu", "--lazy-loader", "--verbose", "-v", "--quiet", "--multi-gpu")
+"""mergekit-yaml switches `run` accepts and ignores (they tune mergekit's own loader), so its command lines work."""
+MERGEKIT_IGNORED_VALUES = ("--transformers-cache", "--lora-merge-cache")
+"""mergekit-yaml options with a value that `run` accepts and ignores."""
+
+
 @dataclass(frozen=True)
+class Alias:
+    """A mergekit spelling that sets one value: `--cuda` is `--device cuda`, and wins over `--device`."""
+
+    flag: str
+    value: object
+    help: str
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a `RunOptions` field is spelled on the command line. A flag left out gives the field's default.
+
+    `kind`: "size" (read by `parse_size`, at least 1 byte; `hint` is added to a too-small value's
+    message), "int" (read by `check_int` over the field's range), "choice" (one of `choices`), or
+    "switch" (no value: sets the field to `sets`; `negation`, when given, is a second switch that sets
+    the opposite)."""
+
+    name: str
+    help: str | None = None
+    kind: str = "switch"
+    commands: tuple[str, ...] = MERGE_COMMANDS
+    hidden: bool = False              # accepted, left out of --help (debugging and test flags)
+    hint: str = ""
+    choices: tuple[str, ...] = ()
+    sets: bool = True
+    negation: str | None = None
+    aliases: tuple[Alias, ...] = ()
+
+
+def _option(default: object, flag: Flag | None = None, lo: int | None = None, hi: int | None = None):
+    """A RunOptions field: its default, its flag, and the integer range a library caller is held to
+    (`lo`/`hi`; None: not an integer option)."""
+    return dataclasses.field(default=default, metadata={"flag": flag, "range": None if lo is None else (lo, hi)})
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunOptions:
-    max_memory: int = 0                # bytes; 0 -> default_max_memory()
-    device: str = "cpu"                # cpu | cuda | auto
-    out_shard_size: int = 5 * 1000**3  # mergekit's default "5B"
-    seed: int = 0
-    overwrite: bool = False
-    resume: bool = False
-    chunk_rows: int | None = None      # force a row-band size (tests, debugging)
-    prefetch: int = 2                  # row bands read ahead of the compute
-    copy_tokenizer: bool = True
-    allow_crimes: bool = False
-    write_model_card: bool = True
-    progress: bool = True
-    check_nonfinite: bool = True
-    fsync: bool = True                 # durable shards (power-loss safe); atomic renames need no fsync
-    max_gpu_memory: int = 0            # bytes of device buffers (cuda/auto); 0 -> 80% of the device, read at run time
+    """Everything a run is told besides its config and output folder. Field order is --help's order."""
+
+    max_memory: int = _option(0, Flag(  # bytes; 0 -> default_max_memory()
+        "--max-memory", "hard ceiling on resident memory, e.g. 1GiB (default: half the available RAM, 1-16 GiB)",
+        kind="size", hint="write a size such as 2GiB or 512MiB, or leave --max-memory out for the default (half "
+                          "the available RAM, 1-16 GiB)"), 0, MAX_SIZE)
+    # bytes of device buffers (cuda/auto); 0 -> 80% of the device, read at run time
+    max_gpu_memory: int = _option(0, Flag(
+        "--max-gpu-memory", "ceiling on the device buffers of a CUDA run, e.g. 8GiB (default: 80% of the GPU's memory)",
+        kind="size", hint="write a size such as 8GiB, or leave --max-gpu-memory out for 80% of the GPU's memory"),
+        0, MAX_SIZE)
+    device: str = _option("cpu", Flag(
+        "--device", "where to compute (default: cpu)", kind="choice", choices=("cpu", "cuda", "auto"),
+        aliases=(Alias("--cuda", "cuda", "mergekit alias for --device cuda"),)))
+    out_shard_size: int = _option(5 * 1000**3, Flag(  # mergekit's default "5B"
+        "--out-shard-size", "maximum output shard size (default: 5B, mergekit's: 5e9 bytes)", kind="size",
+        hint="write a size such as 5B (mergekit's default, 5e9 bytes) or 2GiB"), 1, MAX_SIZE)
+    seed: int = _option(0, Flag(
+        "--random-seed", "seed of the counter-based random masks, 0 to 2^64-1 (default: 0)", kind="int"), 0, MAX_SEED)
+    prefetch: int = _option(2, Flag(  # row bands read ahead of the compute
+        "--prefetch", "row bands read ahead of the compute, 1 to 64 (default: 2)", kind="int"), 1, MAX_PREFETCH)
+    chunk_rows: int | None = _option(None, Flag(  # force a row-band size (tests, debugging)
+        "--chunk-rows", kind="int", hidden=True), 1)
+    overwrite: bool = _option(False, Flag("--overwrite", "replace an existing output folder", commands=("run",)))
+    resume: bool = _option(False, Flag("--resume", "continue an interrupted merge into OUT", commands=("run",)))
+    progress: bool = _option(True, Flag("--no-progress", "no progress bar", commands=("run",), sets=False))
+    fsync: bool = _option(True, Flag(  # durable shards (power-loss safe); atomic renames need no fsync
+        "--no-fsync", "skip fsync before each shard's rename: faster, still safe if the process is killed, not if "
+                      "the machine loses power", commands=("run",), sets=False))
+    copy_tokenizer: bool = _option(True, Flag("--copy-tokenizer", "copy tokenizer files (default)", commands=("run",),
+                                              negation="--no-copy-tokenizer"))
+    write_model_card: bool = _option(True, Flag("--write-model-card", commands=("run",),
+                                                negation="--no-write-model-card"))
+    allow_crimes: bool = _option(False, Flag("--allow-crimes", "mergekit flag: accepted", commands=("run",)))
+    check_nonfinite: bool = _option(True)
 
     def __post_init__(self) -> None:
         """A library caller's numbers get the checks the CLI's flags get, before any plan or file."""
-        check_int(self.max_memory, "RunOptions.max_memory", 0, MAX_SIZE)
-        check_int(self.max_gpu_memory, "RunOptions.max_gpu_memory", 0, MAX_SIZE)
-        check_int(self.out_shard_size, "RunOptions.out_shard_size", 1, MAX_SIZE)
-        check_int(self.seed, "RunOptions.seed", 0, MAX_SEED)
-        check_int(self.prefetch, "RunOptions.prefetch", 1, MAX_PREFETCH)
-        if self.chunk_rows is not None:
-            check_int(self.chunk_rows, "RunOptions.chunk_rows", 1)
+        for f in dataclasses.fields(self):
+            value, bounds = getattr(self, f.name), f.metadata.get("range")
+            if bounds is not None and not (value is None and f.default is None):
+                check_int(value, f"RunOptions.{f.name}", *bounds)
 
     def budget(self) -> int:
         return self.max_memory or default_max_memory()
+
+
+def option_flags() -> list[tuple[str, Flag, tuple[int, int | None] | None]]:
+    """(field name, flag, integer range) of every RunOptions field that has a flag, in --help's order."""
+    return [(f.name, f.metadata["flag"], f.metadata["range"]) for f in dataclasses.fields(RunOptions)
+            if f.metadata.get("flag") is not None]

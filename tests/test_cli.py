@@ -90,3 +90,60 @@ def test_not_enough_free_disk_is_refused_before_writing(tiny_family, tmp_path, c
     assert main(["run", str(cfg), str(tmp_path / "out"), "--no-progress"]) == 1
     assert "are free on its filesystem" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _parsed_options(argv):
+    from streammerge.cli import build_parser, options_from_args
+
+    return options_from_args(build_parser().parse_args(argv))
+
+
+def test_flags_left_out_give_the_library_defaults():
+    from streammerge.options import RunOptions
+
+    assert _parsed_options(["run", "c.yml", "out"]) == RunOptions()
+    assert _parsed_options(["check", "c.yml"]) == RunOptions()
+
+
+def test_every_option_flag_sets_its_field():
+    """Generated from RunOptions' metadata: each flag reaches its field; `--cuda` (mergekit) wins over --device."""
+    import dataclasses
+
+    from streammerge.options import RunOptions, option_flags
+
+    argv = ["run", "c.yml", "out", "--max-memory", "2GiB", "--max-gpu-memory", "3G", "--device", "auto",
+            "--out-shard-size", "1GiB", "--random-seed", "7", "--prefetch", "3", "--chunk-rows", "5", "--overwrite",
+            "--resume", "--no-progress", "--no-fsync", "--no-copy-tokenizer", "--no-write-model-card", "--allow-crimes"]
+    got = _parsed_options(argv)
+    assert got == RunOptions(max_memory=2 << 30, max_gpu_memory=3 * 10**9, device="auto", out_shard_size=1 << 30,
+                             seed=7, prefetch=3, chunk_rows=5, overwrite=True, resume=True, progress=False,
+                             fsync=False, copy_tokenizer=False, write_model_card=False, allow_crimes=True)
+    flagged = {name for name, _, _ in option_flags()}
+    assert {f.name for f in dataclasses.fields(RunOptions)} - flagged == {"check_nonfinite"}
+    changed = {f.name for f in dataclasses.fields(RunOptions) if getattr(got, f.name) != f.default}
+    assert changed == flagged   # the command line above reaches every flagged field
+    assert _parsed_options(["check", "c.yml", "--cuda", "--device", "cpu"]).device == "cuda"
+    assert _parsed_options(["run", "c.yml", "o", "--no-copy-tokenizer", "--copy-tokenizer"]).copy_tokenizer is True
+
+
+def test_run_options_are_keyword_only():
+    import pytest
+
+    from streammerge.options import RunOptions
+
+    with pytest.raises(TypeError):
+        RunOptions(1 << 30)   # type: ignore[misc]
+
+
+def test_help_lists_the_presets_and_methods_from_their_tables(capsys):
+    """bench's --method lists the demo's configs (the methods bench can run), each a registered method."""
+    from streammerge.demo import TEMPLATES
+    from streammerge.methods import get_method
+    from streammerge.synth_spec import PRESETS
+
+    assert main(["bench", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"{', '.join(list(PRESETS)[:-1])} or {list(PRESETS)[-1]} (default: small)" in text
+    assert f"{', '.join(list(TEMPLATES)[:-1])} or {list(TEMPLATES)[-1]} (default: linear)" in text
+    for name in TEMPLATES:
+        assert get_method(name).name == name
