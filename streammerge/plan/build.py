@@ -25,6 +25,7 @@ from ..methods import MethodSpec, TensorJob, get_method
 from ..methods.registry import REQUIRED, Param
 from ..options import RunOptions
 from . import budget as budget_mod
+from . import rules
 from .inputs import check_same_depth, config_source, embedding_rows, open_inputs, out_config
 from .ir import Plan, Source, TensorPlan
 from .params import converter
@@ -249,8 +250,7 @@ class Planner:
                        gpu_peak_estimate=budget_mod.GPU_ALLOCATOR_SLACK + gpu_peak if gpu_budget else 0)
 
     def _gpu_budget(self) -> int:
-        """The device budget bands are planned under: --max-gpu-memory on a cuda/auto run; 0 (unchecked)
-        on CPU or when not given (`merge.run` fills in 80% of the device before it plans)."""
+        """--max-gpu-memory on a cuda/auto run; 0 (unchecked) on CPU or unset (merge.run fills in 80%)."""
         return self.options.max_gpu_memory if self.options.device in ("cuda", "auto") else 0
 
     def _plan_tensor(self, out_name: str, kind: str, ins: list[tuple[str, str]], sl: _Slice, t: float,
@@ -273,7 +273,7 @@ class Planner:
                                  for p in applicable))
         rows = shape[0] if len(shape) >= 2 else 1
         row_elems = infos[0].row_elems
-        blocked = self.spec.row_local and self.options.device == "cpu"
+        blocked = self.options.device == "cpu"  # CPU compute runs in blocks (TensorPlan.block_rows)
         block_work = budget_mod.block_work(len(infos), compute, _threads(), self._block_elems) if blocked else 0
         rpc = budget_mod.rows_per_chunk(out_name, rows, infos, row_elems, compute, out_dtype, self.options.prefetch,
                                         data_budget - block_work, budget, self.options.chunk_rows, blocked,
@@ -288,9 +288,11 @@ class Planner:
             base=base_idx, params=params, model_params=tuple(mparams), kind=kind,
             passes=1, rows=rows, row_elems=row_elems, rows_per_chunk=rpc, shard=-1,
             bytes_in=sum(rows * i.row_bytes for i in infos), bytes_out=numel * ITEMSIZE[out_dtype],
-        )
+            read_once=rules.read_once(rows, rpc),
+            block_rows=rules.block_rows(tuple(shape), rows, row_elems, self._block_elems))
         job = TensorJob.from_plan(plan, self.options.seed)
-        plan = replace(plan, passes=len(self.spec.reduces_for(job)) + 1)
+        reduces = rules.reduce_names(self.spec, job)
+        plan = replace(plan, passes=len(reduces) + 1, reduces=reduces)
         if self.spec.validate is not None:
             msg = self.spec.validate(job)
             if msg:
@@ -321,12 +323,10 @@ class Planner:
             method=self.spec.name,
             models=tuple(self.models[r].path for r in self.model_refs),
             tensors=tuple(tensors), shards=tuple(shards), budget=budget, baseline_rss=baseline,
-            peak_estimate=baseline + budget_mod.ALLOCATOR_SLACK + peak, seed=self.options.seed,
-            out_layers=out_layer,
+            peak_estimate=baseline + budget_mod.ALLOCATOR_SLACK + peak, seed=self.options.seed, out_layers=out_layer,
             out_config=out_config(self.models[config_ref].config, out_layer, out_dtype_name, ref_arch,
                                   embedding_rows(tensors, ref_arch)),
-            reference_model=model_index[ref_name],
-            tokenizer_model=tokenizer_model,
+            reference_model=model_index[ref_name], tokenizer_model=tokenizer_model,
             warnings=tuple(self.warnings),
             model_sweeps=sweeps,
             block_elems=self._block_elems,

@@ -20,9 +20,11 @@ def print_plan(plan: Plan, console) -> None:
     console.print(f"[bold]method[/bold] {plan.method}; {len(plan.models)} model(s):")
     for i, m in enumerate(plan.models):
         console.print(f"  [{i}] {m}")
-    multi = sum(1 for t in plan.tensors if t.rows_per_chunk < t.rows and t.passes > 1)
+    multi = sum(1 for t in plan.tensors if not t.read_once and t.passes > 1)
+    shapes = Counter((*t.reduces, "map") for t in plan.tensors)
+    passes = "; ".join(f"{' > '.join(p)}" + (f" x{n}" if len(shapes) > 1 else "") for p, n in shapes.items())
     console.print(f"[bold]tensors[/bold] {len(plan.tensors)} ({plan.out_layers} layers); passes per tensor: "
-                  f"{plan.tensors[0].passes if plan.tensors else 0}; re-read for later passes: {multi}")
+                  f"{plan.tensors[0].passes if plan.tensors else 0} ({passes or 'none'}); re-read for later passes: {multi}")
     if plan.model_sweeps:
         console.print(f"[bold]whole-model sweeps[/bold] {plan.model_sweeps} before the per-tensor passes (scope: model)")
     kinds = Counter(t.out_dtype for t in plan.tensors)

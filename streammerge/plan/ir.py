@@ -1,4 +1,9 @@
-"""The plan as data: frozen, printable, and everything the executor needs, nothing it must decide."""
+"""The plan as data: frozen, printable, and everything the executor needs, nothing it must decide.
+
+Each decision the executor acts on is a field here, set once by a named rule of the planner
+(`plan/build.py`): a tensor's passes (`reduces` by name, then the map), whether it is read once for all
+of them (`read_once`), its compute blocks (`block_rows`), and the model-wide sweeps (`Plan.model_sweeps`).
+"""
 
 from __future__ import annotations
 
@@ -29,13 +34,16 @@ class TensorPlan:
     params: tuple[tuple[str, Any], ...]
     model_params: tuple[tuple[tuple[str, Any], ...], ...]
     kind: str
-    passes: int                         # reduce passes + 1 map pass
+    passes: int                         # reduce passes + 1 map pass: len(reduces) + 1
     rows: int
     row_elems: int
     rows_per_chunk: int
     shard: int
     bytes_in: int
     bytes_out: int
+    reduces: tuple[str, ...] = ()       # the method's reduce passes for this tensor, by name, in order
+    read_once: bool = True              # one band holds the tensor: read once for all its passes
+    block_rows: int = 0                 # CPU compute blocks of this many rows (0: the band is one block)
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,7 @@ class Plan:
 
     @property
     def bytes_in(self) -> int:
-        per_tensor = sum(t.bytes_in * t.passes if t.rows_per_chunk < t.rows else t.bytes_in for t in self.tensors)
+        per_tensor = sum(t.bytes_in if t.read_once else t.bytes_in * t.passes for t in self.tensors)
         return per_tensor + self.model_sweeps * sum(t.bytes_in for t in self.tensors)
 
     @property
