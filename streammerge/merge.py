@@ -28,7 +28,7 @@ from .io.writer import fsync_dir, write_json_atomic
 from .options import RunOptions, default_max_gpu_memory
 from .plan.build import build_plan
 from .plan.ir import Plan
-from .report import RunReport, ShardReport, peak_rss_bytes
+from .report import RunReport, peak_rss_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -202,6 +202,7 @@ def _run_locked(plan: Plan, config: MergeConfig, text: str, out: Path, fingerpri
                 options: RunOptions, t0: float, on_start: Callable[[Plan], None] | None,
                 on_progress: Callable[[int], None] | None) -> RunReport:
     from .execute import Executor
+    from .pipeline import bound_malloc
 
     manifest_path = outdir.manifest_path(out)
     skip, records, warnings = frozenset(), {}, []
@@ -221,18 +222,17 @@ def _run_locked(plan: Plan, config: MergeConfig, text: str, out: Path, fingerpri
         manifest["shards"][plan.shards[i].filename] = {"size": f.stat().st_size, "checksum": checksum}
         write_json_atomic(manifest_path, manifest)
 
-    executor = Executor(plan, out, device, options.prefetch, skip, on_progress, shard_done, options.check_nonfinite,
-                        options.fsync)
+    bound_malloc()  # process-wide: once per run, before its threads start
+    executor = Executor(plan, out_dir=out, device=device, prefetch=options.prefetch, skip_shards=skip,
+                        on_progress=on_progress, on_shard_done=shard_done, check_nonfinite=options.check_nonfinite,
+                        durable=options.fsync)
     from .kernels import dispatch
 
     dispatch.reset()
     result = executor.run()
     _finish_folder(out, plan, config, text, options)
-    shards = [ShardReport(s.filename, s.bytes_read, s.bytes_written, s.seconds, skipped=i in skip, read_s=s.read_s,
-                          h2d_s=s.h2d_s, compute_s=s.compute_s, d2h_s=s.d2h_s, write_s=s.write_s)
-              for i, s in enumerate(result.shards)]
     return RunReport(method=plan.method, out_dir=str(out), seconds=time.perf_counter() - t0, peak_rss=peak_rss_bytes(),
-                     budget=plan.budget, device=result.device, shards=shards, nonfinite_tensors=result.nonfinite,
+                     budget=plan.budget, device=result.device, shards=result.shards, nonfinite_tensors=result.nonfinite,
                      warnings=list(plan.warnings), kernels=dispatch.used())
 
 

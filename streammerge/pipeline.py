@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 POLL_S = 0.1
+DONE = object()   # the last item of a pipeline queue
 
 
 class Stopped(Exception):
@@ -80,7 +81,8 @@ class Pool:
 def bound_malloc() -> None:
     """glibc gives each thread its own heap arena and keeps freed mid-size blocks there; with several
     compute threads making block-sized temporaries, resident memory crept to twice the budget. Fewer
-    arenas and a fixed mmap threshold (large blocks go back to the OS on free) keep it bounded."""
+    arenas and a fixed mmap threshold (large blocks go back to the OS on free) keep it bounded.
+    Process-wide: called once at the start of a run (`merge.run`), not per executor."""
     try:
         import ctypes
 

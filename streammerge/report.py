@@ -27,11 +27,13 @@ def peak_rss_bytes() -> int:
 
 @dataclass
 class ShardReport:
+    """One output shard of a run: filled in by the executor's threads as the shard is read, computed and
+    written (the one type from the writer to the JSON report)."""
+
     filename: str
-    bytes_read: int
-    bytes_written: int
-    seconds: float
-    skipped: bool = False
+    bytes_read: int = 0
+    bytes_written: int = 0
+    skipped: bool = False     # kept by --resume: not written by this run
     # seconds spent per stage (they overlap: the stages run concurrently). read and write: wall time of
     # the reader and writer threads; compute: wall time on CPU, the compute stream's time on CUDA;
     # h2d and d2h (CUDA only): the copy streams' time, measured with CUDA events
@@ -40,10 +42,23 @@ class ShardReport:
     compute_s: float = 0.0
     d2h_s: float = 0.0
     write_s: float = 0.0
+    checksum: str = ""        # io.checksum's digest of the committed shard, set before on_shard_done
+    started: float = 0.0      # perf_counter() at its first band, and when it was committed
+    finished: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return max(self.finished - self.started, 0.0)
 
     @property
     def gbps(self) -> float:
         return (self.bytes_read + self.bytes_written) / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {"filename": self.filename, "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
+                "seconds": self.seconds, "skipped": self.skipped, "read_s": self.read_s, "h2d_s": self.h2d_s,
+                "compute_s": self.compute_s, "d2h_s": self.d2h_s, "write_s": self.write_s,
+                "gb_per_s": round(self.gbps, 3)}
 
 
 @dataclass
@@ -61,8 +76,7 @@ class RunReport:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        for s, rep in zip(d["shards"], self.shards):
-            s["gb_per_s"] = round(rep.gbps, 3)
+        d["shards"] = [s.to_json() for s in self.shards]
         d["bytes_read"] = sum(s.bytes_read for s in self.shards)
         d["bytes_written"] = sum(s.bytes_written for s in self.shards)
         return d

@@ -9,6 +9,7 @@ again: every real tensor of that shard came out zero.)
 
 from __future__ import annotations
 
+import queue
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,37 +17,35 @@ from typing import TYPE_CHECKING, Callable
 
 from .errors import StreammergeError
 from .io.writer import OutTensor, ShardWriter
+from .pipeline import DONE, Halt, Pool
+from .report import ShardReport
 
 if TYPE_CHECKING:
     import torch
 
     from .plan.ir import Plan
+    from .transfer import Fence
 
 
-@dataclass
-class ShardStats:
-    filename: str
-    bytes_read: int = 0
-    bytes_written: int = 0
-    started: float = 0.0
-    finished: float = 0.0
-    read_s: float = 0.0       # seconds per stage (see report.ShardReport)
-    h2d_s: float = 0.0
-    compute_s: float = 0.0
-    d2h_s: float = 0.0
-    write_s: float = 0.0
-    checksum: str = ""        # io.checksum's digest of the committed shard, set before on_shard_done
+@dataclass(frozen=True)
+class WriteItem:
+    """A finished band on its way to the writer thread: `data` is written at `offset` bytes into tensor
+    `name`'s data in shard `shard`; `out_slot` goes back to the output pool after; `fence` (CUDA) is
+    waited for first and says whether the values are all finite."""
 
-    @property
-    def seconds(self) -> float:
-        return max(self.finished - self.started, 0.0)
+    shard: int
+    name: str
+    offset: int
+    data: torch.Tensor
+    out_slot: int | None = None
+    fence: Fence | None = None
 
 
 class ShardSink:
     """Routes finished bands into their shards; used by the writer thread only."""
 
-    def __init__(self, plan: Plan, out_dir: Path, stats: list[ShardStats], durable: bool, skip: frozenset[int],
-                 on_shard_done: Callable[[int, ShardStats], None]):
+    def __init__(self, plan: Plan, out_dir: Path, stats: list[ShardReport], durable: bool, skip: frozenset[int],
+                 on_shard_done: Callable[[int, ShardReport], None]):
         self.plan = plan
         self.out_dir = out_dir
         self.stats = stats
@@ -120,3 +119,23 @@ class ShardSink:
         for w in self.writers.values():
             w.abort()
         self.writers.clear()
+
+
+def write_all(halt: Halt, items: queue.Queue, sink: ShardSink, out_pool: Pool, nonfinite: list[str]) -> None:
+    """The writer thread: `WriteItem`s until `DONE`, then every shard must be committed. Its failure (a
+    full disk among them) stops the reader and the compute too."""
+    try:
+        while True:
+            item = halt.get(items)
+            if item is DONE:
+                break
+            if item.fence is not None and not item.fence.wait() and item.name not in nonfinite:
+                nonfinite.append(item.name)
+            sink.write(item.shard, item.name, item.offset, item.data)
+            if item.out_slot is not None:
+                out_pool.free.put(item.out_slot)
+        sink.finish()
+    except BaseException as e:
+        halt.fail(e)
+    finally:
+        sink.abort()

@@ -1,4 +1,5 @@
-"""Host <-> device copies of a CUDA run, overlapped with the compute.
+"""Host <-> device copies of a CUDA run, overlapped with the compute: the CUDA stage (`stage.py` has the
+interface it shares with the host stage).
 
 Three streams: the copy stream uploads a band from its pinned host slot into one of two device slots
 while the compute stream (torch's current stream) works on the band in the other slot, and the
@@ -16,10 +17,16 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from .errors import BudgetError
+from .pipeline import Halt, Pool, Stopped
+
+if TYPE_CHECKING:
+    from .report import ShardReport
 
 SLOTS = 2  # device input slots: the band being computed and the next one being uploaded
 
@@ -44,8 +51,11 @@ class Fence:
 class CudaStage:
     """The streams, events and device input slots of a CUDA run."""
 
-    def __init__(self, device: torch.device, slot_bytes: int):
+    blocks = False
+
+    def __init__(self, device: torch.device, slot_bytes: int, pool: Pool):
         self.device = device
+        self.pool = pool
         self.compute = torch.cuda.current_stream(device)
         self.h2d = torch.cuda.Stream(device)
         self.d2h = torch.cuda.Stream(device)
@@ -65,6 +75,23 @@ class CudaStage:
         self._lock = threading.Lock()
 
     # -- reader thread --------------------------------------------------------------------------------
+    def take_host_slot(self, halt: Halt) -> int:
+        """A free host slot; host slots come back once their uploads are done."""
+        while True:
+            halt.check()
+            self.reclaim(self.pool.free, block=self.pool.free.empty())
+            try:
+                return self.pool.free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+    def stage_in(self, band, halt: Halt) -> None:
+        """Upload the band into a device slot; its chunks become the device copies."""
+        band.dev_slot = self.take_slot(halt.stop)
+        if band.dev_slot is None:
+            raise Stopped
+        band.chunks, band.ready = self.upload(band.chunks, band.dev_slot, band.slot, band.shard)
+
     def take_slot(self, stop: threading.Event) -> int | None:
         """A free device slot; None when the run stops first."""
         while not stop.is_set():
@@ -112,6 +139,21 @@ class CudaStage:
             block = False
 
     # -- compute thread -------------------------------------------------------------------------------
+    @contextmanager
+    def computing(self, band, shard: int, stats: list[ShardReport], write_wait: Callable[[], float]) -> Iterator[None]:
+        """The compute stream waits for the band's upload; its device slot is free once its work is done."""
+        start = self.begin(band.ready)
+        try:
+            yield
+        finally:
+            self.end(band.dev_slot, shard, start)
+        self.collect(stats)
+
+    def deliver(self, res: torch.Tensor, out: torch.Tensor, shard: int, check_finite: bool) -> tuple[bool, Fence]:
+        """The band's result, copied back into pinned `out` on the download stream; the writer's fence
+        says whether it is finite."""
+        return True, self.download(res.to(out.dtype), out, shard, check_finite)
+
     def begin(self, ready: torch.cuda.Event) -> torch.cuda.Event:
         """The compute stream waits for a band's upload; returns the event that starts its timing."""
         self.compute.wait_event(ready)
@@ -149,6 +191,9 @@ class CudaStage:
             finite.record_stream(self.d2h)
         self._time(shard, "d2h_s", start, done)
         return Fence(done, flag)
+
+    def finish(self, stats: list[ShardReport]) -> None:
+        self.collect(stats, wait=True)
 
     # -- timings --------------------------------------------------------------------------------------
     def _time(self, shard: int, stage: str, start: torch.cuda.Event, end: torch.cuda.Event) -> None:

@@ -44,7 +44,7 @@ def test_one_shard_from_the_plan_file_is_byte_identical(tiny_family, tmp_path):
     for i, shard in enumerate(plan.shards):
         out = tmp_path / f"one{i}"
         out.mkdir()
-        Executor(plan, out, torch.device("cpu"), skip_shards=frozenset(set(range(len(plan.shards))) - {i})).run()
+        Executor(plan, out_dir=out, device=torch.device("cpu"), skip_shards=frozenset(set(range(len(plan.shards))) - {i})).run()
         assert shard_bytes(out) == {shard.filename: full[shard.filename]}
 
 

@@ -140,6 +140,7 @@ def test_run_defaults_the_device_budget_to_80_percent(monkeypatch):
 def test_cpu_run_creates_no_streams_and_pins_nothing(tiny_family, tmp_path, monkeypatch):
     from streammerge import run
     from streammerge.execute import Executor
+    from streammerge.stage import HostStage
 
     def no_cuda(*a, **k):
         raise AssertionError("the CPU path touched CUDA")
@@ -147,8 +148,8 @@ def test_cpu_run_creates_no_streams_and_pins_nothing(tiny_family, tmp_path, monk
     for name in ("Stream", "Event", "current_stream", "synchronize"):
         monkeypatch.setattr(torch.cuda, name, no_cuda)
     cfg = write_yaml(tmp_path / "t.yml", _family("ties", *tiny_family))
-    ex = Executor(check(cfg, RunOptions(max_memory=2 << 30)), tmp_path / "x", torch.device("cpu"))
-    assert ex.stage is None
+    ex = Executor(check(cfg, RunOptions(max_memory=2 << 30)), out_dir=tmp_path / "x", device=torch.device("cpu"))
+    assert isinstance(ex.stage, HostStage)
     assert not any(b.is_pinned() for b in ex.pool.buffers + ex.out_pool.buffers)
     report = run(cfg, tmp_path / "out", RunOptions(max_memory=2 << 30, progress=False))
     s = report.shards[0]

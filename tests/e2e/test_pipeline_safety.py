@@ -317,7 +317,7 @@ def test_shard_done_failure_stops_the_run_as_itself(pair, tmp_path):
     def done(i, stats):
         raise OSError(errno.EIO, "manifest write failed")
 
-    ex = Executor(plan, tmp_path / "out", torch.device("cpu"), on_shard_done=done)
+    ex = Executor(plan, out_dir=tmp_path / "out", device=torch.device("cpu"), on_shard_done=done)
     err, _ = _within(20, ex.run)
     assert isinstance(err, OSError) and "manifest write failed" in str(err)
 
@@ -417,7 +417,7 @@ def test_each_shard_carries_its_checksum_before_on_shard_done(pair, tmp_path):
     def done(i, stats):
         seen[i] = (stats.checksum, file_digest(out / stats.filename))
 
-    result = Executor(plan, out, torch.device("cpu"), on_shard_done=done).run()
+    result = Executor(plan, out_dir=out, device=torch.device("cpu"), on_shard_done=done).run()
     assert sorted(seen) == list(range(len(plan.shards)))   # each shard once, the empty ones included
     for i, s in enumerate(result.shards):
         assert s.checksum.startswith("crc32-sha256:") and seen[i] == (s.checksum, s.checksum), s.filename
