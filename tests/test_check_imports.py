@@ -29,7 +29,7 @@ def _check_in_fresh_process(*configs) -> str:
 
 
 def _configs(base, experts) -> dict[str, dict]:
-    """One method of each family module (each family is imported only when its method is asked for)."""
+    """One method of each family module (the method table imports every family; none may import torch)."""
     b, e = str(base), [str(x) for x in experts]
     weighted = [{"model": m, "parameters": {"weight": 0.3, "density": 0.5}} for m in e]
     return {
@@ -64,3 +64,13 @@ def test_item_sizes_without_torch_are_torchs():
     assert list(DTYPES) == list(ITEMSIZE)
     for code, (dtype, size) in DTYPES.items():
         assert dtype.itemsize == size == ITEMSIZE[code], code
+
+
+def test_the_method_table_imports_no_torch_and_no_kernel():
+    """Every family module (selective.py included) imports torch and its kernels inside the functions
+    that compute, so importing the whole table loads neither."""
+    code = ("import sys; from streammerge.methods import METHODS; "
+            "print(len(METHODS), 'torch' in sys.modules, any('kernels' in m for m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[1:] == ["False", "False"]

@@ -18,13 +18,12 @@ from hypothesis import strategies as st
 from streammerge import RunOptions
 from streammerge.config import load_config_text
 from streammerge.errors import StreammergeError
-from streammerge.methods import load_all
+from streammerge.methods import METHODS
 from streammerge.plan.build import build_plan
 
 FUZZ = settings(max_examples=200, deadline=2000, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.filter_too_much, HealthCheck.data_too_large])
-METHODS = load_all()
 PARAM_NAMES = sorted({p.name for spec in METHODS.values() for p in spec.params}) + ["wieght", "x"]
 MODEL_PATHS: list[str] = []  # filled by the `models` fixture: two real checkpoints, then nonsense
 

@@ -19,12 +19,10 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable, Sequence
 
-from .._lazy import lazy_module, lazy_names
+from .._lazy import lazy_module
 from .registry import Reduce, TensorJob
 
 torch = lazy_module("torch")
-_segment_sums, _gram_segments, _column_products = lazy_names(
-    "streammerge.kernels.dots", "segment_sums", "gram_segments", "column_products")
 
 # KthMagnitude(dtype).passes by dtype code: planning counts passes without importing torch.
 HISTOGRAM_PASSES = {"BF16": 1, "F16": 1, "F32": 2, "F64": 4}
@@ -78,7 +76,9 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 
 def segment_sums(x: torch.Tensor) -> torch.Tensor:
     """Sums of fixed row segments of a `[rows, m]` tensor, flattened (see the module docstring)."""
-    return _segment_sums(x)
+    from ..kernels.dots import segment_sums as kernel_segment_sums
+
+    return kernel_segment_sums(x)
 
 
 def row_sums(x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,9 @@ class ColumnProducts:
         rows = [as_rows(x) for x in xs]
         if self.acc.device != rows[0].device:
             self.acc = self.acc.to(rows[0].device)
-        if _column_products(rows, self.pairs, self.acc):
+        from ..kernels.dots import column_products
+
+        if column_products(rows, self.pairs, self.acc):
             return
         wide = [r.double() for r in rows]
         for p, (i, j) in enumerate(self.pairs):
@@ -145,8 +147,10 @@ class Gram:
 
     def update(self, base: torch.Tensor | None, xs: Sequence[torch.Tensor]) -> None:
         """Add the products of the vectors ``xs[k] - base`` (``xs[k]`` without a base)."""
+        from ..kernels.dots import gram_segments
+
         pairs = list(self.sums)
-        sums = _gram_segments([as_rows(x) for x in xs], None if base is None else as_rows(base), pairs,
+        sums = gram_segments([as_rows(x) for x in xs], None if base is None else as_rows(base), pairs,
                               self.rounded)
         for p, row in zip(pairs, sums.tolist()):
             self.sums[p].add(row)

@@ -9,11 +9,10 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from .._lazy import lazy_module, lazy_names
+from .._lazy import lazy_module
 from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
 
 torch = lazy_module("torch")
-(weighted_sum,) = lazy_names("streammerge.kernels.mix", "weighted_sum")
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -23,6 +22,8 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 # -- linear -----------------------------------------------------------------------------------------
 
 def _linear_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
+    from ..kernels.mix import weighted_sum
+
     weights = [float(p["weight"]) for p in job.model_params]
     return weighted_sum(chunks, weights, bool(job.params["normalize"]), _acc_dtype(chunks[0]))
 
@@ -122,5 +123,3 @@ SLERP = MethodSpec(
     description="spherical interpolation between the base and one other model",
     paper="https://en.wikipedia.org/wiki/Slerp",
 )
-
-SPECS = (LINEAR, PASSTHROUGH, SLERP)

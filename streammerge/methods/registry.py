@@ -7,11 +7,8 @@ is a single row band; statistics that need the whole tensor come from its reduce
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
-
-from ..errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -34,27 +31,6 @@ class Param:
     doc: str = ""
 
 
-class _TorchDtype:
-    """`TensorJob.compute_dtype`: a torch dtype. `from_plan` sets the plan's safetensors code ("BF16"),
-    which becomes the torch dtype on first read: planning builds jobs without importing torch."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, job: Any, owner: type | None = None) -> Any:
-        if job is None:
-            raise AttributeError(self.name)  # no class-level value: the dataclass field has no default
-        value = job.__dict__[self.name]
-        if isinstance(value, str):
-            from ..io.header import torch_dtype
-
-            value = job.__dict__[self.name] = torch_dtype(value)
-        return value
-
-    def __set__(self, job: Any, value: Any) -> None:
-        job.__dict__[self.name] = value
-
-
 @dataclass(frozen=True)
 class TensorJob:
     """What a method sees of one output tensor: everything resolved, nothing to look up."""
@@ -62,7 +38,7 @@ class TensorJob:
     name: str
     shape: tuple[int, ...]
     rows: int
-    compute_dtype: torch.dtype = _TorchDtype()  # a descriptor, not a default (see _TorchDtype)
+    compute_code: str                     # the loaded dtype as a safetensors code ("BF16"): no torch to plan
     base: int | None                      # index of the base model among the inputs
     params: Mapping[str, Any]             # global params, evaluated for this tensor
     model_params: tuple[Mapping[str, Any], ...]  # per-input params (the base's entry included)
@@ -74,20 +50,17 @@ class TensorJob:
 
     @classmethod
     def from_plan(cls, t: "TensorPlan", seed: int) -> "TensorJob":
-        return cls(name=t.name, shape=t.shape, rows=t.rows, compute_dtype=t.compute_dtype, base=t.base,
+        return cls(name=t.name, shape=t.shape, rows=t.rows, compute_code=t.compute_dtype, base=t.base,
                    params=dict(t.params), model_params=tuple(dict(m) for m in t.model_params),
                    model_ids=tuple(s.model for s in t.inputs), seed=seed, kind=t.kind, row_elems=t.row_elems,
                    rows_per_chunk=t.rows_per_chunk)
 
     @property
-    def compute_code(self) -> str:
-        """`compute_dtype` as a safetensors code ("BF16"), without importing torch where it is not loaded."""
-        value = self.__dict__["compute_dtype"]
-        if isinstance(value, str):
-            return value
-        from ..io.header import CODE_OF
+    def compute_dtype(self) -> torch.dtype:
+        """The loaded dtype as a torch dtype (imports torch: methods call it while computing)."""
+        from ..io.header import torch_dtype
 
-        return CODE_OF[value]
+        return torch_dtype(self.compute_code)
 
     @property
     def numel(self) -> int:
@@ -156,23 +129,6 @@ class MethodSpec:
 
     def reduces_for(self, job: TensorJob) -> tuple[Reduce, ...]:
         return self.reduce_plan(job) if self.reduce_plan is not None else self.reduces
-
-    def param(self, name: str) -> Param | None:
-        return next((p for p in self.params if p.name == name), None)
-
-
-METHODS: dict[str, MethodSpec] = {}
-
-
-def get_method(name: str) -> MethodSpec:
-    from . import find
-
-    spec = find(name)  # imports every family when none defines the name
-    if spec is None:
-        close = difflib.get_close_matches(name, METHODS, n=3, cutoff=0.5)
-        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-        raise ConfigError(f"merge_method: unknown method {name!r}; {hint}known methods: {', '.join(sorted(METHODS))}")
-    return spec
 
 
 # -- common parameter checks ----------------------------------------------------------------------

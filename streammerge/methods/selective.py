@@ -21,16 +21,16 @@ agrees with mergekit only statistically.
 from __future__ import annotations
 
 import threading
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
-import torch.nn.functional as F
-
-from ..kernels.philox import philox_words, stream_id
-from ..kernels.threshold import KthMagnitude, Threshold, topk_mask
-from ..kernels.variance import model_variance
+from .._lazy import lazy_module
 from ._stats import HISTOGRAM_PASSES, ExactSum, as_rows, model_sum, nonbase, promote_fp32, rowwise, scalar, segment_sums
 from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
+
+if TYPE_CHECKING:
+    from ..kernels.threshold import KthMagnitude, Threshold
+
+torch = lazy_module("torch")
 
 
 
@@ -42,6 +42,8 @@ def _task_vectors(job: TensorJob, chunks: Sequence[torch.Tensor]) -> tuple[torch
 
 
 def _variance(tv: torch.Tensor) -> torch.Tensor:
+    from ..kernels.variance import model_variance
+
     return model_variance(tv)
 
 
@@ -83,6 +85,8 @@ def _count_stage() -> Reduce:
 
 def _histogram_stage(p: int, one_pass: bool) -> Reduce:
     def init(job: TensorJob, stats: Sequence[Any]) -> _Select:
+        from ..kernels.threshold import KthMagnitude
+
         sel = stats[-1] if stats else _Select(job)   # the count pass's (or the previous level's) selection
         if sel.finder is None and not one_pass:
             sel.finder = KthMagnitude(sel.dtype, sel.n, sel.k(_topk(job)))
@@ -113,6 +117,8 @@ def _weights_stage() -> Reduce:
 
     def update(state: dict[str, Any], job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
         _, tv = _task_vectors(job, chunks)
+        from ..kernels.threshold import topk_mask
+
         th: Threshold | None = state["th"]
         if th is not None:
             var = _variance(tv)
@@ -136,14 +142,14 @@ def _weights_stage() -> Reduce:
     return Reduce("sce_weights", init, update, finish)
 
 
-_KEYS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float16: (torch.int16, 0x7FFF),
-         torch.float32: (torch.int32, 0x7FFFFFFF), torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF)}
+_KEYS = {"bfloat16": ("int16", 0x7FFF), "float16": ("int16", 0x7FFF), "float32": ("int32", 0x7FFFFFFF),
+         "float64": ("int64", 0x7FFFFFFFFFFFFFFF)}   # torch dtype names: no torch at import
 
 
 def _keys(x: torch.Tensor) -> torch.Tensor:
     """|x| as the threshold kernel's integer keys (the bit pattern without the sign bit)."""
-    int_dtype, mask = _KEYS[x.dtype]
-    return x.contiguous().view(int_dtype) & mask
+    int_dtype, mask = _KEYS[str(x.dtype).removeprefix("torch.")]
+    return x.contiguous().view(getattr(torch, int_dtype)) & mask
 
 
 def _sce_reduces(job: TensorJob) -> tuple[Reduce, ...]:
@@ -162,6 +168,8 @@ def _sce_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], r
         return chunks[0]
     if job.numel == 0:
         return chunks[job.base]
+    from ..kernels.threshold import topk_mask
+
     st = stats[-1]
     base, tv = _task_vectors(job, chunks)
     mask_dtype = torch.int8 if job.params["int8_mask"] else base.dtype
@@ -204,6 +212,8 @@ _QUANTILES = (0.25, 0.5, 0.75)
 
 def _kl(f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """KL divergence of the softmax of each last-dim vector of ``f`` from that of ``b`` (keepdim)."""
+    import torch.nn.functional as F
+
     p = F.softmax(f, dim=-1) + 1e-8
     q = F.softmax(b, dim=-1) + 1e-8
     return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
@@ -216,6 +226,8 @@ def _pair(job: TensorJob, chunks: Sequence[torch.Tensor]) -> tuple[torch.Tensor,
 
 def sample_positions(seed: int, stream: int, n: int, count: int = _SAMPLE) -> torch.Tensor:
     """`count` flat positions in [0, n), uniform with replacement, from 53 random bits each; sorted."""
+    from ..kernels.philox import philox_words
+
     words = philox_words(seed, stream, 0, 2 * count).view(count, 2)
     u = (((words[:, 0] >> 11) << 32) | words[:, 1]).double() * 2.0 ** -53   # exact: 53 bits
     return (u * n).floor().long().clamp_(max=n - 1).sort().values
@@ -232,6 +244,8 @@ def _fusion_reduces(job: TensorJob) -> tuple[Reduce, ...]:
         with lock:
             if "pos" not in cache:
                 model = job.model_ids[next(i for i in range(len(job.model_ids)) if i != job.base)]
+                from ..kernels.philox import stream_id
+
                 cache["pos"] = sample_positions(job.seed % (1 << 64), stream_id(model, job.name), job.numel)
             return cache["pos"]
 
@@ -292,5 +306,3 @@ ARCEE_FUSION = MethodSpec(
                 "rows' softmax) is an outlier above median + 1.5·IQR; returns fp32, as mergekit does",
     paper="https://arcee.ai",
 )
-
-SPECS = (SCE, ARCEE_FUSION)

@@ -14,13 +14,11 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from .._lazy import lazy_module, lazy_names
+from .._lazy import lazy_module
 from ._stats import Gram, as_rows, gram_reduce, model_mean, model_sum, nonbase, promote_fp32, rowwise, scalar
 from .registry import REQUIRED, MethodSpec, Param, Reduce, TensorJob, in_range
 
 torch = lazy_module("torch")
-_stock_mix, _nearswap_mix, _ram_fused, _ram_counts_fused = lazy_names(
-    "streammerge.kernels.blend", "stock_mix", "nearswap_mix", "ram_fused", "ram_counts_fused")
 
 
 # -- model_stock ------------------------------------------------------------------------------------
@@ -92,7 +90,9 @@ def _stock_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any],
             t = _stock_rows_t(w0, ws, whole=True)
         else:
             t = rowwise(lambda *xs: _stock_rows_t(xs[0], list(xs[1:]), whole=False), w0, *ws)
-    return _stock_mix(w0, ws, t).reshape(shape)
+    from ..kernels.blend import stock_mix
+
+    return stock_mix(w0, ws, t).reshape(shape)
 
 
 MODEL_STOCK = MethodSpec(
@@ -111,9 +111,11 @@ MODEL_STOCK = MethodSpec(
 # -- nearswap ---------------------------------------------------------------------------------------
 
 def _nearswap_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
+    from ..kernels.blend import nearswap_mix
+
     a = chunks[job.base]
     (b,) = nonbase(job, chunks)
-    return _nearswap_mix(a, b, float(job.params["t"]))
+    return nearswap_mix(a, b, float(job.params["t"]))
 
 
 NEARSWAP = MethodSpec(
@@ -145,9 +147,11 @@ def _ram_parts(job: TensorJob, chunks: Sequence[torch.Tensor]):
 
 
 def _ram_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
+    from ..kernels.blend import ram_fused
+
     if len(chunks) == 1:
         return chunks[0]
-    fused = _ram_fused(chunks[job.base], nonbase(job, chunks), float(job.params["epsilon"]))
+    fused = ram_fused(chunks[job.base], nonbase(job, chunks), float(job.params["epsilon"]))
     if fused is not None:
         return fused
     base, tv, nonzero, counts = _ram_parts(job, chunks)
@@ -162,7 +166,9 @@ def _ramplus_init(job: TensorJob, stats: Sequence[Any]) -> list[list[int]]:
 
 
 def _ramplus_update(state: list[list[int]], job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
-    fused = _ram_counts_fused(chunks[job.base], nonbase(job, chunks), float(job.params["epsilon"]))
+    from ..kernels.blend import ram_counts_fused
+
+    fused = ram_counts_fused(chunks[job.base], nonbase(job, chunks), float(job.params["epsilon"]))
     if fused is not None:
         shared, unique = fused
     else:
@@ -195,9 +201,11 @@ def _ramplus_reduces(job: TensorJob) -> tuple[Reduce, ...]:
 
 
 def _ramplus_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
+    from ..kernels.blend import ram_fused
+
     if len(chunks) == 1:
         return chunks[0]
-    fused = _ram_fused(chunks[job.base], nonbase(job, chunks), float(job.params["epsilon"]), stats[0])
+    fused = ram_fused(chunks[job.base], nonbase(job, chunks), float(job.params["epsilon"]), stats[0])
     if fused is not None:
         return fused
     base, tv, nonzero, counts = _ram_parts(job, chunks)
@@ -238,5 +246,3 @@ RAMPLUS_TL = MethodSpec(
                 "the others in that tensor; returns fp32, as mergekit does",
     paper="https://arxiv.org/abs/2601.13572",
 )
-
-SPECS = (MODEL_STOCK, NEARSWAP, RAM, RAMPLUS_TL)

@@ -151,5 +151,3 @@ WIDEN = MethodSpec(
                 "base; merges fine-tuned and continued-pre-trained models",
     paper="https://arxiv.org/abs/2408.03092",
 )
-
-SPECS = (WIDEN,)

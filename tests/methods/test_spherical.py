@@ -15,6 +15,7 @@ import torch
 
 from conftest import assert_band_invariant, load_dir, merge, shard_bytes
 from streammerge.errors import ConfigError
+from streammerge.io.header import CODE_OF
 from streammerge.methods import TensorJob, get_method
 from streammerge.methods.registry import REQUIRED
 
@@ -50,7 +51,7 @@ def run_method(name: str, tensors: list[torch.Tensor], *, base: int | None = Non
               and (i != base or p.base_too)}
         mp.update(extra)
         mps.append(mp)
-    job = TensorJob(name=tensor_name, shape=shape, rows=rows, compute_dtype=tensors[0].dtype, base=base, params=g,
+    job = TensorJob(name=tensor_name, shape=shape, rows=rows, compute_code=CODE_OF[tensors[0].dtype], base=base, params=g,
                     model_params=tuple(mps), model_ids=tuple(range(len(tensors))), seed=seed, kind=kind,
                     row_elems=numel // rows)
     band = band or rows
