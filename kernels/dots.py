@@ -107,8 +107,10 @@ def column_products(xs: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]]
     return dispatch.call("column_products", xs[0].device if xs else acc.device, xs, pairs, acc)
 
 
-def column_products_fits_numba(xs: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]], acc: torch.Tensor) -> bool:
-    return bool(xs) and _compiled(xs) and acc.dtype == torch.float64 and acc.is_contiguous() and acc.device.type == "cpu"
+def column_products_fits_numba(xs: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]],
+                               acc: torch.Tensor) -> bool:
+    return (bool(xs) and _compiled(xs) and acc.dtype == torch.float64 and acc.is_contiguous()
+            and acc.device.type == "cpu")
 
 
 def column_products_numba(xs: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]], acc: torch.Tensor) -> bool:

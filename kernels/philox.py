@@ -108,7 +108,8 @@ def philox_words(
     return dispatch.call("philox_words", device, seed, stream, start, count, device)
 
 
-def philox_words_numba(seed: int, stream: int, start: int, count: int, device: torch.device | str | None) -> torch.Tensor:
+def philox_words_numba(seed: int, stream: int, start: int, count: int,
+                       device: torch.device | str | None) -> torch.Tensor:
     from ._numba import philox as kernel
 
     out = torch.empty(count, dtype=torch.int64)
@@ -116,7 +117,8 @@ def philox_words_numba(seed: int, stream: int, start: int, count: int, device: t
     return out
 
 
-def philox_words_torch(seed: int, stream: int, start: int, count: int, device: torch.device | str | None) -> torch.Tensor:
+def philox_words_torch(seed: int, stream: int, start: int, count: int,
+                       device: torch.device | str | None) -> torch.Tensor:
     if count <= _SMALL:
         return torch.tensor(_words_py(seed, stream, start, count), dtype=torch.int64, device=device)
     first, buf = _block_buffer(start, count, torch.int64, device)

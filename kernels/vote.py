@@ -128,7 +128,8 @@ def merge_deltas_fits_triton(base: torch.Tensor, deltas: torch.Tensor | None, we
 
 
 def merge_deltas_triton(base: torch.Tensor, deltas: torch.Tensor | None, weights: Sequence[float],
-                        mask: torch.Tensor | KeepDraw | None, *, scale, consensus, normalize, lam, experts) -> torch.Tensor:
+                        mask: torch.Tensor | KeepDraw | None, *, scale, consensus, normalize, lam,
+                        experts) -> torch.Tensor:
     from ._triton.taskvec import task_vector_mix
 
     if isinstance(mask, KeepDraw):
@@ -152,7 +153,8 @@ def merge_deltas_fits_numba(base: torch.Tensor, deltas: torch.Tensor | None, wei
 
 
 def merge_deltas_torch(base: torch.Tensor, deltas: torch.Tensor | None, weights: Sequence[float],
-                       mask: torch.Tensor | KeepDraw | None, *, scale, consensus, normalize, lam, experts) -> torch.Tensor:
+                       mask: torch.Tensor | KeepDraw | None, *, scale, consensus, normalize, lam,
+                       experts) -> torch.Tensor:
     """The reference: stack δ, draw the masks, ``mix``, add the base."""
     if deltas is None:
         deltas = torch.stack([e - base for e in experts])
@@ -163,7 +165,8 @@ def merge_deltas_torch(base: torch.Tensor, deltas: torch.Tensor | None, weights:
 
 
 def merge_deltas_numba(base: torch.Tensor, deltas: torch.Tensor | None, weights: Sequence[float],
-                       mask: torch.Tensor | KeepDraw | None, *, scale, consensus, normalize, lam, experts) -> torch.Tensor:
+                       mask: torch.Tensor | KeepDraw | None, *, scale, consensus, normalize, lam,
+                       experts) -> torch.Tensor:
     from ._numba import taskvec as kernel
 
     k = len(experts) if deltas is None else deltas.shape[0]
