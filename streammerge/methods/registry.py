@@ -107,6 +107,9 @@ MapFn = Callable[[TensorJob, list["torch.Tensor"], Sequence[Any], int], "torch.T
 
 @dataclass(frozen=True)
 class MethodSpec:
+    """A method: its parameters, reduce passes and map. Every map is row-local (output rows depend only on
+    the same input rows and the reduces' statistics): the planner's compute blocks rely on it."""
+
     name: str
     map: MapFn
     params: tuple[Param, ...] = ()
@@ -118,7 +121,6 @@ class MethodSpec:
     paper: str = ""
     validate: Callable[[TensorJob], str | None] | None = None
     reduce_plan: Callable[[TensorJob], tuple[Reduce, ...]] | None = None  # reduces that depend on the tensor
-    row_local: bool = True                # output rows depend only on the same input rows (+ stats)
     # CPU block size it runs best at: small where torch temporaries dominate (they stay in cache and
     # under glibc's mmap threshold), large where fused kernels and reused buffers do the work.
     block_elems: int = 1 << 17
