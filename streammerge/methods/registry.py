@@ -8,12 +8,10 @@ is a single row band; statistics that need the whole tensor come from its reduce
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Protocol, Sequence
 
 if TYPE_CHECKING:
     import torch
-
-    from ..plan.ir import TensorPlan
 
 REQUIRED = object()
 
@@ -29,6 +27,44 @@ class Param:
     kind: Literal["float", "int", "bool", "str"] = "float"
     check: Callable[[Any], str | None] | None = None
     doc: str = ""
+
+
+class PlannedTensor(Protocol):
+    """What `TensorJob.from_plan` reads of a tensor's plan (`plan.ir.TensorPlan`, a higher layer, which
+    this module does not import); read-only, as the frozen plan is."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def compute_dtype(self) -> str: ...
+
+    @property
+    def base(self) -> int | None: ...
+
+    @property
+    def params(self) -> Sequence[tuple[str, Any]]: ...
+
+    @property
+    def model_params(self) -> Sequence[Sequence[tuple[str, Any]]]: ...
+
+    @property
+    def inputs(self) -> Sequence[Any]: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def row_elems(self) -> int: ...
+
+    @property
+    def rows_per_chunk(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -49,7 +85,7 @@ class TensorJob:
     rows_per_chunk: int = 0               # rows per band (0: unknown); a tensor of one band is read once
 
     @classmethod
-    def from_plan(cls, t: "TensorPlan", seed: int) -> "TensorJob":
+    def from_plan(cls, t: PlannedTensor, seed: int) -> "TensorJob":
         return cls(name=t.name, shape=t.shape, rows=t.rows, compute_code=t.compute_dtype, base=t.base,
                    params=dict(t.params), model_params=tuple(dict(m) for m in t.model_params),
                    model_ids=tuple(s.model for s in t.inputs), seed=seed, kind=t.kind, row_elems=t.row_elems,
