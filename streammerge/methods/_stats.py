@@ -17,12 +17,13 @@ Every whole-tensor statistic here gives the same bits whatever the row bands wer
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from .._lazy import lazy_module
 from .registry import Reduce, TensorJob
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:
+    import torch
+
 
 # KthMagnitude(dtype).passes by dtype code: planning counts passes without importing torch.
 HISTOGRAM_PASSES = {"BF16": 1, "F16": 1, "F32": 2, "F64": 4}
@@ -95,6 +96,7 @@ class ColumnSums:
     __slots__ = ("acc",)
 
     def __init__(self, cols: int, device: torch.device | str = "cpu") -> None:
+        import torch
         self.acc = torch.zeros(cols, dtype=torch.float64, device=device)
 
     def add(self, rows: torch.Tensor) -> None:
@@ -103,6 +105,7 @@ class ColumnSums:
 
 def _add_in_row_order(acc: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``acc + rows[0] + rows[1] + ...`` column by column, one row at a time (a cumulative sum)."""
+    import torch
     for lo in range(0, rows.shape[0], _COL_BLOCK):
         acc = torch.cumsum(torch.cat([acc.unsqueeze(0), rows[lo:lo + _COL_BLOCK]]), dim=0)[-1].clone()
     return acc
@@ -116,6 +119,7 @@ class ColumnProducts:
     __slots__ = ("pairs", "acc")
 
     def __init__(self, cols: int, pairs: Iterable[tuple[int, int]]) -> None:
+        import torch
         self.pairs = list(pairs)
         self.acc = torch.zeros(len(self.pairs), cols, dtype=torch.float64)
 
@@ -187,6 +191,7 @@ def gram_reduce(name: str, vectors: Callable[[TensorJob, list[torch.Tensor]], tu
 def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Exactly computed statistics (fp64) rounded the way torch rounds a reduction's result: half types
     accumulate in fp32 and round that, so go through fp32; wider types round once."""
+    import torch
     if dtype in (torch.bfloat16, torch.float16):
         t = t.float()
     return t.to(dtype)
@@ -194,6 +199,7 @@ def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
     """`rounded` for one Python float: a 0-dim tensor."""
+    import torch
     return rounded(torch.tensor(value, dtype=torch.float64), dtype)
 
 
@@ -204,6 +210,7 @@ def rowwise(fn: Callable[..., torch.Tensor], *xs: torch.Tensor) -> torch.Tensor:
     a multi-row call never does; a one-row band is doubled so its reductions run like the whole
     tensor's (one row per output).
     """
+    import torch
     if xs[0].dim() >= 2 and xs[0].shape[0] == 1:
         return fn(*(torch.cat([x, x]) for x in xs))[:1]
     return fn(*xs)
@@ -211,12 +218,14 @@ def rowwise(fn: Callable[..., torch.Tensor], *xs: torch.Tensor) -> torch.Tensor:
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half types, fp64 for wider ones: enough to make identities exact."""
+    import torch
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else torch.float64
 
 
 def model_sum(x: torch.Tensor) -> torch.Tensor:
     """Σ over dim 0 in model order from zero, as torch sums a large tensor over a short leading dim:
     half types accumulate in fp32 and round once, wider ones accumulate in their own dtype."""
+    import torch
     acc_dtype = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
     acc = torch.zeros(x.shape[1:], dtype=acc_dtype, device=x.device)
     for k in range(x.shape[0]):
@@ -227,6 +236,7 @@ def model_sum(x: torch.Tensor) -> torch.Tensor:
 def model_mean(x: torch.Tensor) -> torch.Tensor:
     """mean over dim 0 as torch computes it for a large tensor: half types divide the fp32 sum before
     rounding; fp32 divides its (rounded) sum; fp64 sums in fp64."""
+    import torch
     n = x.shape[0]
     if x.dtype in (torch.bfloat16, torch.float16):
         acc = torch.zeros(x.shape[1:], dtype=torch.float32, device=x.device)
@@ -246,4 +256,5 @@ def nonbase_params(job: TensorJob, name: str) -> list[Any]:
 
 def promote_fp32(dtype: torch.dtype) -> torch.dtype:
     """The dtype of a loaded-dtype tensor times an fp32 tensor (fp32 masks or factors)."""
+    import torch
     return torch.promote_types(dtype, torch.float32)

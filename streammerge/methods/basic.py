@@ -7,15 +7,16 @@ passthrough scales in the loaded dtype. task_arithmetic lives with its family in
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from .._lazy import lazy_module
 from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:
+    import torch
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    import torch
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -89,6 +90,7 @@ def _slerp_merge(into: dict[str, list[float]], other: dict[str, list[float]]) ->
 
 def _slerp_finish(state: dict[str, list[float]], job: TensorJob, stats: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """The two interpolation coefficients, computed in fp32 as mergekit does from the statistics."""
+    import torch
     dt = torch.float64 if job.compute_dtype == torch.float64 else torch.float32
     eps, threshold = 1e-8, 0.9995
     t = torch.tensor(float(job.params["t"]), dtype=dt)

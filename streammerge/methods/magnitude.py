@@ -13,20 +13,21 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .._lazy import lazy_module
 from ._stats import HISTOGRAM_PASSES
 from .registry import ModelPass, Reduce, TensorJob
 
 if TYPE_CHECKING:
+    import torch
+
     from ..kernels.threshold import KthMagnitude, Threshold
 
-torch = lazy_module("torch")
 
 RESCALE_EPS = 1e-7
 
 
 def deltas(job: TensorJob, chunks: list[torch.Tensor]) -> tuple[torch.Tensor, list[int], torch.Tensor]:
     """Base band, input indices of the other models, and their δ stacked [K, ...] in the loaded dtype."""
+    import torch
     assert job.base is not None
     base = chunks[job.base]
     others = [i for i in range(len(chunks)) if i != job.base]
@@ -137,6 +138,7 @@ def _thresholds(f: KthMagnitude) -> tuple[Threshold, ...]:
 def _count_rows(flat: torch.Tensor, ths: Sequence[Threshold], rescale: bool) -> tuple[torch.Tensor, list[float], list[float]]:
     """Per row of a [rows, n] band: elements equal to each threshold, and with rescale Σ|δ| and the Σ|δ|
     strictly above the first threshold (fp64 row sums, combined later with math.fsum)."""
+    import torch
     from ..kernels.threshold import equal_per_row, magnitude_keys
 
     eq = equal_per_row(flat, [th.bits for th in ths])
@@ -152,6 +154,7 @@ def _prefix_and_scale(ths: tuple[Threshold, ...], eq: list[torch.Tensor], offset
                       l1: list[float], kept: list[float], rescale: bool) -> tuple[tuple, float]:
     """The map's tie bookkeeping (equal elements before each row, from `offset` on) and the L1 rescale
     factor of one tensor and model; the kept L1 adds the equal elements that fall within the quota."""
+    import torch
     per_row = torch.cat(eq, dim=1) if eq else torch.zeros(len(ths), 0, dtype=torch.int64)
     before = torch.zeros(len(ths), per_row.shape[1] + 1, dtype=torch.int64)
     torch.cumsum(per_row, dim=1, out=before[:, 1:])
@@ -166,6 +169,7 @@ def _prefix_and_scale(ths: tuple[Threshold, ...], eq: list[torch.Tensor], offset
 
 
 def magnitude_masks(job: TensorJob, d: torch.Tensor, stats: dict, row0: int, kind: str) -> torch.Tensor | None:
+    import torch
     from ..kernels.scratch import scratch
     from ..kernels.threshold import topk_mask
 
@@ -244,6 +248,7 @@ def model_pass(kind: str) -> ModelPass:
             state["kept"].setdefault((index, j), []).extend(kept)
 
     def end_sweep(state: dict, sweep: int) -> None:
+        import torch
         if sweep < state["hist_sweeps"]:
             for f in state["finders"].values():
                 f.finish_pass(sweep)

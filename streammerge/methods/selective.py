@@ -23,20 +23,19 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .._lazy import lazy_module
 from ._stats import HISTOGRAM_PASSES, ExactSum, as_rows, model_sum, nonbase, promote_fp32, rowwise, scalar, segment_sums
 from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
 
 if TYPE_CHECKING:
+    import torch
+
     from ..kernels.threshold import KthMagnitude, Threshold
-
-torch = lazy_module("torch")
-
 
 
 # -- sce --------------------------------------------------------------------------------------------
 
 def _task_vectors(job: TensorJob, chunks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
     base = chunks[job.base]
     return base, torch.stack([x - base for x in nonbase(job, chunks)])
 
@@ -66,6 +65,7 @@ class _Select:
 
     def k(self, topk: float) -> int:
         # mergekit: int(count_nonzero(var) * density), the product taken in fp32
+        import torch
         return int(torch.tensor(self.nonzero) * topk)
 
 
@@ -75,6 +75,7 @@ def _count_stage() -> Reduce:
         return _Select(job)
 
     def update(state: _Select, job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
+        import torch
         state.nonzero += int(torch.count_nonzero(_variance(_task_vectors(job, chunks)[1])))
 
     def merge(into: _Select, other: _Select) -> None:
@@ -95,6 +96,7 @@ def _histogram_stage(p: int, one_pass: bool) -> Reduce:
         return sel
 
     def update(state: _Select, job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
+        import torch
         var = _variance(_task_vectors(job, chunks)[1])
         if one_pass:
             state.nonzero += int(torch.count_nonzero(var))
@@ -133,6 +135,7 @@ def _weights_stage() -> Reduce:
             acc.add(segment_sums(as_rows(t.square()).double()).tolist())
 
     def finish(state: dict[str, Any], job: TensorJob, stats: Sequence[Any]) -> dict[str, Any]:
+        import torch
         dt = job.compute_dtype
         means = torch.stack([scalar(acc.value / job.numel, dt) for acc in state["sq"]])
         total = torch.sum(means).item()
@@ -148,6 +151,7 @@ _KEYS = {"bfloat16": ("int16", 0x7FFF), "float16": ("int16", 0x7FFF), "float32":
 
 def _keys(x: torch.Tensor) -> torch.Tensor:
     """|x| as the threshold kernel's integer keys (the bit pattern without the sign bit)."""
+    import torch
     int_dtype, mask = _KEYS[str(x.dtype).removeprefix("torch.")]
     return x.contiguous().view(getattr(torch, int_dtype)) & mask
 
@@ -164,6 +168,7 @@ def _sce_reduces(job: TensorJob) -> tuple[Reduce, ...]:
 
 
 def _sce_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
+    import torch
     if len(chunks) == 1:
         return chunks[0]
     if job.numel == 0:
@@ -212,6 +217,7 @@ _QUANTILES = (0.25, 0.5, 0.75)
 
 def _kl(f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """KL divergence of the softmax of each last-dim vector of ``f`` from that of ``b`` (keepdim)."""
+    import torch
     import torch.nn.functional as F
 
     p = F.softmax(f, dim=-1) + 1e-8
@@ -253,6 +259,7 @@ def _fusion_reduces(job: TensorJob) -> tuple[Reduce, ...]:
         return {"kl": [], "imp": []}
 
     def update(state: dict[str, list], job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
+        import torch
         b, f = _pair(job, chunks)
         kl = rowwise(_kl, f, b)
         diff = (f - b).abs()
@@ -272,6 +279,7 @@ def _fusion_reduces(job: TensorJob) -> tuple[Reduce, ...]:
         into["imp"].extend(other["imp"])
 
     def finish(state: dict[str, list], job: TensorJob, stats: Sequence[Any]) -> dict[str, torch.Tensor]:
+        import torch
         values = torch.sort(torch.cat(state["imp"])).values
         idx = (torch.tensor(_QUANTILES) * (values.numel() - 1)).long()
         q1, median, q3 = values[idx]

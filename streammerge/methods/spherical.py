@@ -15,9 +15,8 @@ computation itself and match it bit for bit.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from .._lazy import lazy_module
 from ..errors import StreammergeError
 from ._stats import (
     ColumnSums, Gram, all_pairs, as_rows, gram_reduce, model_sum, nonbase, nonbase_params, rounded, rowwise,
@@ -25,7 +24,9 @@ from ._stats import (
 )
 from .registry import REQUIRED, MethodSpec, Param, Reduce, TensorJob, in_range
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:
+    import torch
+
 
 _COLINEAR_EPS = 1e-8   # nuslerp: colinear when 1 - cos² <= eps²
 _UNIT_EPS = 1e-7       # nuslerp: norms are clamped to at least this
@@ -70,6 +71,7 @@ def _slerp_mix(t: float, v0: torch.Tensor, v1: torch.Tensor, cos: torch.Tensor) 
     With one cosine for the whole tensor only the branch it selects is computed: the same bits as
     mergekit's `where` over both, at half the passes over the tensor.
     """
+    import torch
     colinear = _colinear(cos)
     if cos.numel() == 1:
         if bool(colinear):
@@ -83,10 +85,12 @@ def _slerp_mix(t: float, v0: torch.Tensor, v1: torch.Tensor, cos: torch.Tensor) 
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
+    import torch
     return v / torch.norm(v, dim=-1, keepdim=True).clamp(min=_UNIT_EPS)
 
 
 def _cos_along_last(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    import torch
     return torch.sum(_unit(v0) * _unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
 
 
@@ -144,6 +148,7 @@ def _nuslerp_reduces(job: TensorJob) -> tuple[Reduce, ...]:
 
 
 def _nuslerp_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
+    import torch
     t = _nuslerp_t(job)
     mode = _nuslerp_mode(job)
     if mode == "flat" and not bool(_colinear(stats[-1])):
@@ -192,6 +197,7 @@ _ZERO_MEAN = ("{name}: multislerp: the weighted sum of the unit vectors is zero 
 
 
 def _multislerp_weights(job: TensorJob) -> torch.Tensor:
+    import torch
     w = torch.tensor([float(x) for x in nonbase_params(job, "weight")], dtype=job.compute_dtype)
     return w / w.sum() if job.params["normalize_weights"] else w
 
@@ -205,6 +211,7 @@ def _multislerp_scalars(norms: torch.Tensor, mean_norm: torch.Tensor, dots: torc
     the loaded dtype, exactly what a zero norm gives. So the norm is taken as 0 (+ eps); the noise
     itself is still formed elementwise in the map, as mergekit adds it.
     """
+    import torch
     s = torch.zeros((), dtype=w.dtype) + eps
     sinc = torch.sin(s) / s if s > 0 else torch.ones((), dtype=w.dtype)   # eps = 0: the limit, not 0/0
     return {"denom": norms + eps, "w": w, "mean_norm": mean_norm, "dots": dots,
@@ -213,6 +220,7 @@ def _multislerp_scalars(norms: torch.Tensor, mean_norm: torch.Tensor, dots: torc
 
 def _multislerp_from_data(xs: list[torch.Tensor], w: torch.Tensor, eps: float) -> dict[str, torch.Tensor] | None:
     """mergekit's own computation of the scalars, on a whole tensor (used for 1-D tensors)."""
+    import torch
     flat = torch.stack(xs).reshape(len(xs), -1)
     norms = torch.norm(flat, dim=-1, keepdim=True)
     units = flat / (norms + eps)
@@ -231,6 +239,7 @@ def _multislerp_from_data(xs: list[torch.Tensor], w: torch.Tensor, eps: float) -
 def _multislerp_finish(g: Gram, job: TensorJob, stats: Sequence[Any]) -> dict[str, torch.Tensor] | None:
     """The scalars from the Gram matrix G of the task vectors: with c_i = w_i / (‖x_i‖ + eps), the mean
     is Σ c_i x_i, its squared norm cᵀGc, and its dot product with unit i (Gc)_i / (‖x_i‖ + eps)."""
+    import torch
     dt, eps = job.compute_dtype, float(job.params["eps"])
     w = _multislerp_weights(job)
     k = len(w)
@@ -249,6 +258,7 @@ def _multislerp_finish(g: Gram, job: TensorJob, stats: Sequence[Any]) -> dict[st
 
 
 def _units(xs: list[torch.Tensor], denom: torch.Tensor) -> torch.Tensor:
+    import torch
     return torch.stack([x / denom[i].to(x.device) for i, x in enumerate(xs)])
 
 

@@ -12,19 +12,20 @@ for 1-D tensors, everything is per row and runs in the map, bit for bit.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from .._lazy import lazy_module
 from ._stats import Gram, as_rows, gram_reduce, model_mean, model_sum, nonbase, promote_fp32, rowwise, scalar
 from .registry import REQUIRED, MethodSpec, Param, Reduce, TensorJob, in_range
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:
+    import torch
 
 
 # -- model_stock ------------------------------------------------------------------------------------
 
 def _stock_t(cos: torch.Tensor, count: int) -> torch.Tensor:
     """t = N cos / (1 + (N - 1) cos), and 0 where the denominator vanishes (mergekit keeps the base)."""
+    import torch
     den = 1 + (count - 1) * cos
     singular = den.abs() < 1e-6
     safe = torch.where(singular, torch.ones_like(den), den)
@@ -37,6 +38,7 @@ def _pair_cos(dot: torch.Tensor, norm_a: torch.Tensor, norm_b: torch.Tensor) -> 
 
 def _stock_rows_t(w0: torch.Tensor, ws: list[torch.Tensor], whole: bool) -> torch.Tensor:
     """Per-row t (shape [rows, 1]; [1] for a whole 1-D tensor), computed from the rows themselves."""
+    import torch
     offsets = [w - w0 for w in ws]
     norms = [torch.norm(o, dim=-1) for o in offsets]
     cos = [_pair_cos((offsets[i] * offsets[j]).sum(dim=-1), norms[i], norms[j])
@@ -59,6 +61,7 @@ def _stock_vectors(job: TensorJob, chunks: Sequence[torch.Tensor]) -> tuple[torc
 
 
 def _stock_finish(g: Gram, job: TensorJob, stats: Sequence[Any]) -> torch.Tensor:
+    import torch
     dt = job.compute_dtype
     k = len(job.model_params) - 1
     norms = [scalar(math.sqrt(g[i, i]), dt) for i in range(k)]
@@ -139,6 +142,7 @@ NEARSWAP = MethodSpec(
 # 1 + r·clamp(ρ, 0, α), with ρ the model's ratio of overlapping to unique contributions in the tensor.
 
 def _ram_parts(job: TensorJob, chunks: Sequence[torch.Tensor]):
+    import torch
     base = chunks[job.base]
     tv = torch.stack([x - base for x in nonbase(job, chunks)])
     nonzero = tv.abs() > float(job.params["epsilon"])
@@ -189,6 +193,7 @@ def _ramplus_merge(into: list[list[int]], other: list[list[int]]) -> None:
 
 def _ramplus_finish(state: list[list[int]], job: TensorJob, stats: Sequence[Any]) -> torch.Tensor:
     """λ_k in fp32, as mergekit's integer counts and their clamp with a float produce it."""
+    import torch
     shared, unique = torch.tensor(state[0], dtype=torch.int64), torch.tensor(state[1], dtype=torch.int64)
     rho = shared / unique.clamp(min=float(job.params["epsilon"]))
     return 1 + float(job.params["r"]) * rho.clamp(min=0, max=float(job.params["alpha"]))

@@ -17,14 +17,13 @@ import functools
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .._lazy import lazy_module
 from .magnitude import RESCALE_EPS, deltas, magnitude_masks, magnitude_reduces, model_param, model_pass, needs_mask
 from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
 
 if TYPE_CHECKING:
-    from ..kernels.philox import KeepDraw
+    import torch
 
-torch = lazy_module("torch")
+    from ..kernels.philox import KeepDraw
 
 
 def _density_check(v: Any) -> str | None:
@@ -43,6 +42,7 @@ def _flat_start(job: TensorJob, row0: int) -> int:
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     """mergekit draws and rescales in bf16 for bf16 inputs, in fp32 for fp16/fp32 on CPU."""
+    import torch
     return dtype if dtype in (torch.bfloat16, torch.float64) else torch.float32
 
 
@@ -53,6 +53,7 @@ def _dare_p(job: TensorJob, i: int) -> float:
 
 @functools.lru_cache(maxsize=64)
 def _rounded(value: float, dtype: torch.dtype) -> float:
+    import torch
     return float(torch.tensor(value, dtype=dtype))
 
 
@@ -77,6 +78,7 @@ def _keep_draw(job: TensorJob, row0: int, packed: tuple | None = None) -> KeepDr
 
 
 def _della_masks(job: TensorJob, d: torch.Tensor, row0: int) -> torch.Tensor | None:
+    import torch
     others = [i for i in range(len(job.model_params)) if i != job.base]
     if not any(needs_mask(job, i) for i in others):
         return None
@@ -100,6 +102,7 @@ def _dare_update(state: dict, job: TensorJob, chunks: list[torch.Tensor], row0: 
     drew (packed, by the chunk's first row: K bits an element, a sixteenth of the band's bf16 inputs)
     for the map to read instead of drawing again; a tensor of several bands draws again rather than
     hold a whole tensor's bits between its passes."""
+    import torch
     import numpy as np
 
     from ..kernels.norms import dare_row_l1
@@ -146,6 +149,7 @@ def _bernoulli_reduces(job: TensorJob, kind: str) -> tuple[Reduce, ...]:
         into["keep"].update(other["keep"])
 
     def finish(state, job, stats):
+        import torch
         l1 = torch.cat(state["l1"], dim=1) if state["l1"] else torch.zeros(0, 0, dtype=torch.float64)
         kept = torch.cat(state["kept"], dim=1) if state["kept"] else l1
         scale = []
@@ -197,6 +201,7 @@ def _make(name: str, *, sparsify: str | None, consensus: bool, normalize: bool, 
         return ()
 
     def map_fn(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
+        import torch
         base, others = chunks[job.base], [i for i in range(len(chunks)) if i != job.base]
         if not others:
             return base

@@ -15,13 +15,13 @@ score_calibration_value 1 gives that model back exactly), and the result is cast
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from .._lazy import lazy_module
 from ._stats import ColumnProducts, as_rows, nonbase, row_sums, work_dtype
 from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
 
-torch = lazy_module("torch")
+if TYPE_CHECKING:
+    import torch
 
 
 def _by_rows(job: TensorJob) -> bool:
@@ -66,10 +66,12 @@ def _rows_init(job: TensorJob, stats: Sequence[Any]) -> list[tuple[int, torch.Te
 
 
 def _rows_update(state: list, job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
+    import torch
     state.append((row0, torch.stack([row_sums(t) for t in _sums(*_inputs(job, chunks))]).cpu()))
 
 
 def _rows_finish(state: list, job: TensorJob, stats: Sequence[Any]) -> torch.Tensor:
+    import torch
     sums = torch.cat([s for _, s in sorted(state, key=lambda p: p[0])], dim=1)
     return _weights(sums, job)
 
@@ -86,6 +88,7 @@ def _widen_reduces(job: TensorJob) -> tuple[Reduce, ...]:
 
 def _ranks(diff: torch.Tensor) -> torch.Tensor:
     """rank / n within each model (row of `diff`): the smallest difference 0, ties in index order."""
+    import torch
     n = diff.shape[1]
     order = torch.argsort(diff, dim=1, stable=True)
     ranks = torch.empty_like(diff)
@@ -95,6 +98,7 @@ def _ranks(diff: torch.Tensor) -> torch.Tensor:
 
 def _scores(significance: torch.Tensor, job: TensorJob) -> torch.Tensor:
     """Softmax across models, then s wherever a model's value exceeds t × its mean over the tensor."""
+    import torch
     t = float(job.params["above_average_value_ratio"])
     s = float(job.params["score_calibration_value"])
     scores = torch.softmax(significance, dim=0)
@@ -104,6 +108,7 @@ def _scores(significance: torch.Tensor, job: TensorJob) -> torch.Tensor:
 
 def _weights(sums: torch.Tensor, job: TensorJob) -> torch.Tensor:
     """Per-model, per-column weights `[K, columns]` from the fp64 sums of `_sums`."""
+    import torch
     m0 = sums[0].clamp(min=0).sqrt()
     mk = sums[1::2].clamp(min=0).sqrt()
     dot = sums[2::2]
@@ -119,6 +124,7 @@ def _weights(sums: torch.Tensor, job: TensorJob) -> torch.Tensor:
 # -- map ----------------------------------------------------------------------------------------------
 
 def _widen_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
+    import torch
     w0, ws = _inputs(job, chunks)
     base = as_rows(w0)
     deltas = [as_rows(w) - base for w in ws]
