@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -80,3 +82,19 @@ def assert_band_invariant(config: dict, tmp: Path) -> None:
     """Bands of 1 row, 7 rows and whole tensors must give identical output bytes."""
     outs = [shard_bytes(merge(config, tmp, f"rows{n}", chunk_rows=n)) for n in (1, 7, None)]
     assert outs[0] == outs[1] == outs[2]
+
+
+@contextlib.contextmanager
+def no_hang(seconds: float, what: str):
+    """A real alarm around code that must not hang: hypothesis's deadline only measures an example after
+    it returns, so a hang would never end without one."""
+    def fire(signum, frame):
+        raise TimeoutError(f"{what} ran longer than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

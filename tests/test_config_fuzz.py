@@ -4,14 +4,13 @@ checkpoints end in a plan or a StreammergeError; never another exception, never 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import signal
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import no_hang
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,19 +40,8 @@ def models(tmp_path_factory):
     MODEL_PATHS.clear()
 
 
-@contextlib.contextmanager
 def _no_hang(seconds: float = 5.0):
-    """A real alarm: hypothesis's deadline only measures an example after it returns."""
-    def fire(signum, frame):
-        raise TimeoutError(f"loading or planning a config ran longer than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    return no_hang(seconds, "loading or planning a config")
 
 
 scalars = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True, allow_infinity=True)

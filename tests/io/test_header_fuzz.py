@@ -9,13 +9,13 @@ import contextlib
 import json
 import math
 import shutil
-import signal
 import struct
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import no_hang
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -48,19 +48,8 @@ SAMPLES = [
 ]
 
 
-@contextlib.contextmanager
 def _no_hang(seconds: float = 2.0):
-    """A real alarm besides hypothesis's deadline, which only measures an example after it returns."""
-    def fire(signum, frame):
-        raise TimeoutError(f"read_header ran longer than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    return no_hang(seconds, "read_header")
 
 
 def _safetensors_view(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]] | None:
