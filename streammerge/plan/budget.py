@@ -74,11 +74,17 @@ def _per_elem(k: int, compute_dtype: str) -> int:
     return k * ITEMSIZE[compute_dtype] + (k + 3) * 8
 
 
+# A block's work space, over all threads, takes at most 1/BLOCK_SHARE of the data budget. A quarter,
+# not an eighth: with numba's share in the baseline, an eighth halved the block at --max-memory 1GiB and
+# ties on the 1.1B benchmark took ~30% longer (per-block overhead); the bands still fit what remains.
+BLOCK_SHARE = 4
+
+
 def block_elems(data_budget: int, k: int, compute_dtype: str, threads: int) -> int:
-    """Largest power-of-two block whose work space, over all threads, takes at most an eighth of the
-    data budget: big blocks amortise per-call overhead, a tight budget still gets small ones."""
+    """Largest power-of-two block whose work space, over all threads, takes at most 1/BLOCK_SHARE of
+    the data budget: big blocks amortise per-call overhead, a tight budget still gets small ones."""
     e = BLOCK_ELEMS
-    while e > MIN_BLOCK_ELEMS and threads * e * _per_elem(k, compute_dtype) > data_budget // 8:
+    while e > MIN_BLOCK_ELEMS and threads * e * _per_elem(k, compute_dtype) > data_budget // BLOCK_SHARE:
         e //= 2
     return e
 
@@ -196,12 +202,12 @@ class Floor:
 
     def data_floor(self) -> int:
         """The smallest data budget from which every larger one fits too. The block size steps up at
-        D = 8 * threads * e * per_elem (see `block_elems`), so what the tensors need is constant on each
+        D = BLOCK_SHARE * threads * e * per_elem (see `block_elems`), so what the tensors need is constant on each
         step's range; walking the ranges down from the open-ended last one, the floor is where a range
         stops fitting whole."""
         starts, e = [1], MIN_BLOCK_ELEMS * 2
         while e <= BLOCK_ELEMS:
-            starts.append(8 * self.threads * e * _per_elem(self.widest_k, "F32"))
+            starts.append(BLOCK_SHARE * self.threads * e * _per_elem(self.widest_k, "F32"))
             e *= 2
         floor = starts[-1]
         for i in range(len(starts) - 1, -1, -1):

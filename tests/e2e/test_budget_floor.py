@@ -191,7 +191,7 @@ def test_floor_is_the_smallest_data_budget_from_which_every_larger_one_fits(loos
     if blocked:
         f.add("blocked", blocked, True, 3, "F32")
     d0 = f.data_floor()
-    starts = [8 * 2 * e * b._per_elem(3, "F32") for e in (1 << i for i in range(13, 20))]
+    starts = [b.BLOCK_SHARE * 2 * e * b._per_elem(3, "F32") for e in (1 << i for i in range(13, 20))]
     probes = {d0, d0 + 1, *(s + o for s in starts for o in (-1, 0, 1) if s + o >= d0)}
     probes |= {random.Random(i).randrange(d0, 4 * max(starts)) for i in range(200)}
     assert all(f.fits(d) for d in probes), sorted(d for d in probes if not f.fits(d))[:5]
