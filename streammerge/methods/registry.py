@@ -64,7 +64,7 @@ class PlannedTensor(Protocol):
     def row_elems(self) -> int: ...
 
     @property
-    def rows_per_chunk(self) -> int: ...
+    def read_once(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -82,14 +82,14 @@ class TensorJob:
     seed: int
     kind: str = "other"                   # "embedding", "lm_head", "layer", "other"
     row_elems: int = 1
-    rows_per_chunk: int = 0               # rows per band (0: unknown); a tensor of one band is read once
+    read_once: bool = False               # the plan's rule: one band holds the tensor, all passes run on it
 
     @classmethod
     def from_plan(cls, t: PlannedTensor, seed: int) -> "TensorJob":
         return cls(name=t.name, shape=t.shape, rows=t.rows, compute_code=t.compute_dtype, base=t.base,
                    params=dict(t.params), model_params=tuple(dict(m) for m in t.model_params),
                    model_ids=tuple(s.model for s in t.inputs), seed=seed, kind=t.kind, row_elems=t.row_elems,
-                   rows_per_chunk=t.rows_per_chunk)
+                   read_once=t.read_once)
 
     @property
     def compute_dtype(self) -> torch.dtype:

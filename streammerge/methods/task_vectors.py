@@ -113,7 +113,7 @@ def _dare_update(state: dict, job: TensorJob, chunks: list[torch.Tensor], row0: 
     base = base.reshape(rows, -1)
     start = _flat_start(job, row0)
     others = [i for i in range(len(chunks)) if i != job.base]
-    keep = job.rows_per_chunk >= job.rows
+    keep = job.read_once  # the map pass runs on this band in memory: its keep bits are reused there
     bits = [np.empty(-(-base.numel() // 8), np.uint8) if keep and needs_mask(job, i) else None for i in others]
     parts = [dare_row_l1(chunks[i].reshape(rows, -1), base, job.seed, stream_id(job.model_ids[i], job.name), start,
                          _dare_p(job, i) if needs_mask(job, i) else None, packed)
