@@ -74,3 +74,11 @@ def test_the_method_table_imports_no_torch_and_no_kernel():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[1:] == ["False", "False"]
+
+
+def test_check_of_model_wide_ties_does_not_import_torch(tiny_family, tmp_path):
+    """scope: model's parameters are tested by ModelPass.check at plan time; only the run builds the
+    threshold finders (which need torch)."""
+    doc = dict(_configs(*tiny_family)["ties"], parameters={"scope": "model"})
+    path = write_yaml(tmp_path / "ties_model.yml", doc)
+    assert _check_in_fresh_process(path) == "[0] False"

@@ -149,3 +149,16 @@ def test_check_prints_each_tensors_passes_by_name(tiny_family, tmp_path):
     console = Console(record=True, width=200)
     print_plan(_plan(tmp_path, tiny_family, "ties"), console)
     assert "passes per tensor: 3 (histogram > tie_counts > map); re-read for later passes: 0" in console.export_text()
+
+
+def test_scope_model_with_two_densities_for_one_model_is_refused_at_plan_time(tiny_family, tmp_path):
+    import pytest
+
+    from streammerge.errors import ConfigError
+
+    base, experts = tiny_family
+    doc = {"merge_method": "ties", "base_model": str(base), "parameters": {"scope": "model"},
+           "models": [{"model": str(experts[0]), "parameters": {"weight": 0.5, "density": [0.3, 0.7]}},
+                      {"model": str(experts[1]), "parameters": {"weight": 0.5, "density": 0.5}}]}
+    with pytest.raises(ConfigError, match=r"parameters: scope: model needs one density \(and gamma\) per model"):
+        check(write_yaml(tmp_path / "c.yml", doc), RunOptions(max_memory=1 << 30))

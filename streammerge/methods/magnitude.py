@@ -206,12 +206,8 @@ def model_pass(kind: str) -> ModelPass:
             return 0
         return HISTOGRAM_PASSES[jobs[0].compute_code] + 1
 
-    def init(jobs: Sequence[TensorJob]) -> dict:
-        from ..kernels.threshold import KthMagnitude
-
-        dtypes = {j.compute_dtype for j in jobs}
-        if len(dtypes) > 1:
-            raise ValueError(f"scope: model needs one dtype for every tensor, got {sorted(map(str, dtypes))}; set 'dtype:'")
+    def densities(jobs: Sequence[TensorJob]) -> tuple[dict[int, int], dict[int, tuple[float, float | None]]]:
+        """Each expert's element count over the model and its one (density, gamma); ValueError if two."""
         sizes: dict[int, int] = {}
         density: dict[int, tuple[float, float | None]] = {}
         for job in jobs:
@@ -223,6 +219,23 @@ def model_pass(kind: str) -> ModelPass:
                 if density.setdefault(mid, d) != d:
                     raise ValueError(f"scope: model needs one density (and gamma) per model; model {mid} has "
                                      f"{density[mid]} and {d} (tensor {job.name!r})")
+        return sizes, density
+
+    def check(jobs: Sequence[TensorJob]) -> str | None:
+        """The planner's test of the parameters (torch-free): `init` then builds the state once, in the run."""
+        codes = {j.compute_code for j in jobs}
+        if len(codes) > 1:
+            return f"scope: model needs one dtype for every tensor, got {sorted(codes)}; set 'dtype:'"
+        try:
+            densities(jobs)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    def init(jobs: Sequence[TensorJob]) -> dict:
+        from ..kernels.threshold import KthMagnitude
+
+        sizes, density = densities(jobs)
         finders = {}
         for mid, n in sizes.items():
             d, g = density[mid]
@@ -276,7 +289,7 @@ def model_pass(kind: str) -> ModelPass:
             scale.append(factor)
         return {"prefix": prefix, "scale": scale}
 
-    return ModelPass(sweeps, init, update, end_sweep, result)
+    return ModelPass(sweeps, init, update, end_sweep, result, check)
 
 
 def _equal_kept(th: Threshold, before: torch.Tensor) -> int:

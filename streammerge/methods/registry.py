@@ -126,7 +126,8 @@ class Reduce:
 class ModelPass:
     """Sweeps over every tensor of the merge before any tensor's own passes (TIES over the whole model).
 
-    `sweeps(jobs)` says how many (0: not needed for this config); `init(jobs)` makes the state;
+    `sweeps(jobs)` says how many (0: not needed for this config); `check(jobs)` is the planner's
+    torch-free test of the parameters (a message, or None); `init(jobs)` makes the state, in the run;
     `update(state, sweep, index, job, chunks, row0)` folds one band of tensor `index` (tensors in plan
     order, bands in row order); `end_sweep(state, sweep)` closes a sweep; `result(state, index, job)` is
     the statistic of tensor `index`, handed to its map as `stats[0]`."""
@@ -136,6 +137,7 @@ class ModelPass:
     update: Callable[[Any, int, int, TensorJob, list[torch.Tensor], int], None]
     end_sweep: Callable[[Any, int], None]
     result: Callable[[Any, int, TensorJob], Any]
+    check: Callable[[Sequence[TensorJob]], str | None] | None = None
 
 
 MapFn = Callable[[TensorJob, list["torch.Tensor"], Sequence[Any], int], "torch.Tensor"]

@@ -305,11 +305,9 @@ class Planner:
         if self.spec.model_pass is not None:
             jobs = [TensorJob.from_plan(t, self.options.seed) for t in tensors]
             sweeps = self.spec.model_pass.sweeps(jobs)
-            if sweeps:
-                try:
-                    self.spec.model_pass.init(jobs)
-                except ValueError as e:
-                    raise ConfigError(f"parameters: {e}") from None
+            msg = self.spec.model_pass.check(jobs) if sweeps and self.spec.model_pass.check else None
+            if msg:
+                raise ConfigError(f"parameters: {msg}")
         sizes = {t.name: t.bytes_out for t in tensors}
         groups = assign_shards([(t.name, t.bytes_out) for t in tensors], self.options.out_shard_size)
         shards = shard_plans(groups, sizes)
