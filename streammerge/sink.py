@@ -60,7 +60,9 @@ class ShardSink:
     def _open(self, shard: int) -> ShardWriter:
         sp = self.plan.shards[shard]
         outs = [OutTensor(n, self._tensors[n].out_dtype, self._tensors[n].shape) for n in sp.tensors]
-        w = self.writers[shard] = ShardWriter(self.out_dir / sp.filename, outs, {"format": "pt"}, self.durable)
+        layout = (sp.header, sp.offsets) if sp.header else None  # the plan's layout, as the planner fixed it
+        w = self.writers[shard] = ShardWriter(self.out_dir / sp.filename, outs, {"format": "pt"}, self.durable,
+                                              layout=layout)
         return w
 
     def commit_empty(self) -> None:

@@ -162,3 +162,25 @@ def test_scope_model_with_two_densities_for_one_model_is_refused_at_plan_time(ti
                       {"model": str(experts[1]), "parameters": {"weight": 0.5, "density": 0.5}}]}
     with pytest.raises(ConfigError, match=r"parameters: scope: model needs one density \(and gamma\) per model"):
         check(write_yaml(tmp_path / "c.yml", doc), RunOptions(max_memory=1 << 30))
+
+
+def test_each_shard_header_and_offsets_are_in_the_plan_and_the_writer_follows_them(tiny_family, tmp_path):
+    from streammerge.io.header import read_header
+
+    plan = _plan(tmp_path, tiny_family, "ties", options={"out_shard_size": 60_000})
+    assert len(plan.shards) > 1 and all(sp.header and len(sp.offsets) == len(sp.tensors) for sp in plan.shards)
+    out = tmp_path / "written"
+    _execute(plan, out)
+    for sp in plan.shards:
+        raw = (out / sp.filename).read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        assert raw[8:8 + n].decode() == sp.header
+        header = read_header(out / sp.filename)
+        assert tuple(header.tensors[name].begin for name in sp.tensors) == sp.offsets
+    # a header the plan says (same length: the offsets stand) is what the file gets
+    sp0 = plan.shards[0]
+    doctored = dataclasses.replace(sp0, header=sp0.header.replace('"format":"pt"', '"format":"xx"'))
+    assert doctored.header != sp0.header
+    other = dataclasses.replace(plan, shards=(doctored, *plan.shards[1:]))
+    _execute(other, tmp_path / "doctored")
+    assert read_header(tmp_path / "doctored" / sp0.filename).metadata == {"format": "xx"}

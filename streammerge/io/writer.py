@@ -110,10 +110,17 @@ class ShardWriter:
     chunks must then arrive front to back."""
 
     def __init__(self, final_path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None,
-                 durable: bool = True, checksum: bool = True):
+                 durable: bool = True, checksum: bool = True, layout: tuple[str, tuple[int, ...]] | None = None):
+        """`layout`: a planned header text and data offsets (`ShardPlan.header`, `.offsets`), written as
+        they stand; without it the header is built from `tensors` and `metadata`."""
         self.final_path = Path(final_path)
         self.tmp_path = self.final_path.with_name(self.final_path.name + ".partial")
-        self.header, self.offsets = build_header(tensors, metadata)
+        if layout is not None:
+            raw = layout[0].encode("utf-8")
+            self.header, self.offsets = len(raw).to_bytes(8, "little") + raw, dict(zip((t.name for t in tensors),
+                                                                                       layout[1]))
+        else:
+            self.header, self.offsets = build_header(tensors, metadata)
         self.size = len(self.header) + sum(t.nbytes for t in tensors)
         self.durable = durable
         self.digest = ShardDigest(self.header, self.offsets) if checksum else None

@@ -29,7 +29,7 @@ from . import rules
 from .inputs import check_same_depth, config_source, embedding_rows, open_inputs, out_config
 from .ir import Plan, Source, TensorPlan
 from .params import converter
-from .shards import assign_shards, shard_plans
+from .shards import assign_shards, shard_plans, with_layout
 
 TORCH_NAME = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 CODE_OF_NAME = {v: k for k, v in TORCH_NAME.items()}
@@ -313,6 +313,8 @@ class Planner:
         shards = shard_plans(groups, sizes)
         shard_of = {name: i for i, g in enumerate(groups) for name in g}
         tensors = [replace(t, shard=shard_of[t.name]) for t in tensors]
+        by_name = {t.name: t for t in tensors}
+        shards = [with_layout(sp, by_name) for sp in shards]
         out_dtype_name = TORCH_NAME[tensors[0].out_dtype] if tensors else None
         config_ref, warning = config_source(self.models, self.model_refs, ref_name)
         if warning:

@@ -49,8 +49,10 @@ class TensorPlan:
 @dataclass(frozen=True)
 class ShardPlan:
     filename: str
-    tensors: tuple[str, ...]
+    tensors: tuple[str, ...]            # in data order
     nbytes: int
+    header: str = ""                    # the header's JSON text, padded as written after its 8-byte length
+    offsets: tuple[int, ...] = ()       # each tensor's absolute data offset in the file, in `tensors` order
 
 
 @dataclass(frozen=True)
