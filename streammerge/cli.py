@@ -18,10 +18,10 @@ from .demo import TEMPLATES
 from .errors import ConfigError
 from .options import (
     MAX_THREADS,
-    MERGEKIT_IGNORED_FLAGS,
-    MERGEKIT_IGNORED_VALUES,
+    MERGEKIT_FLAGS,
     Alias,
     Flag,
+    MergekitFlag,
     RunOptions,
     check_int,
     option_flags,
@@ -63,13 +63,26 @@ def _reader(flag: Flag, bounds: tuple[int, int | None] | None):
     raise ValueError(f"RunOptions flag {flag.name}: kind {flag.kind!r} needs an integer range")
 
 
+def _choice(flag: Flag):
+    """An argparse type for a "choice" flag: `flag.convert` maps the text (cuda:0 -> cuda) or refuses it,
+    before argparse checks the result against the choices."""
+    def parse(text: str) -> str:
+        try:
+            return flag.convert(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{flag.name}: ")) from None
+    return parse
+
+
 def _alias_dest(alias: Alias) -> str:
     return alias.flag.lstrip("-").replace("-", "_")
 
 
-def _add_options(p: argparse.ArgumentParser, command: str) -> None:
+def _add_options(p: argparse.ArgumentParser, command: str, compat=None) -> None:
     """The RunOptions flags `command` takes, generated from the fields' metadata (options.Flag). Every
-    flag defaults to None, which `options_from_args` reads as "the field's default"."""
+    flag defaults to None, which `options_from_args` reads as "the field's default". Mergekit aliases go
+    to the `compat` group when given."""
+    compat = compat or p
     for field, flag, bounds in option_flags():
         if command not in flag.commands:
             continue
@@ -79,12 +92,63 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
             if flag.negation:
                 p.add_argument(flag.negation, dest=field, action="store_const", const=not flag.sets)
         elif flag.kind == "choice":
-            p.add_argument(flag.name, dest=field, default=None, choices=flag.choices, help=text)
+            p.add_argument(flag.name, dest=field, default=None, choices=flag.choices, help=text,
+                           **({"type": _choice(flag)} if flag.convert else {}))
         else:
             p.add_argument(flag.name, dest=field, default=None, type=_reader(flag, bounds), help=text,
                            metavar=flag.name.lstrip("-").upper().replace("-", "_"))
         for alias in flag.aliases:
-            p.add_argument(alias.flag, dest=_alias_dest(alias), action="store_true", help=alias.help)
+            text = alias.help + (f" (also {alias.negation})" if alias.negation else "")
+            compat.add_argument(alias.flag, dest=_alias_dest(alias), action="store_true", help=text)
+            if alias.negation:
+                compat.add_argument(alias.negation, dest=_alias_dest(alias), action="store_false",
+                                    help=argparse.SUPPRESS)
+
+
+class _Refused(argparse.Action):
+    """A mergekit flag streammerge does not implement: a usage error that says why, never accepted."""
+
+    def __init__(self, option_strings, dest, why: str, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+        self.why = why
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string}: {self.why}")
+
+
+def _add_mergekit_flags(g, flags: tuple[MergekitFlag, ...] = MERGEKIT_FLAGS) -> None:
+    """options.MERGEKIT_FLAGS as argparse flags. An ignored flag given stores its own spelling, so that
+    `_notes` can name it under -v."""
+    for f in flags:
+        names = (f.name, *f.extra)
+        text = f.help + (f" (also {f.negation})" if f.negation and not f.refused else "")
+        if f.kind == "count":
+            g.add_argument(*names, dest=f.target, action="count", default=0, help=text)
+        elif f.kind == "switch":
+            g.add_argument(*names, dest=f.target, action="store_true", help=text)
+            if f.negation:
+                g.add_argument(f.negation, dest=f.target, action="store_false", help=argparse.SUPPRESS)
+        elif f.value:
+            g.add_argument(*names, dest=f.target, default=None, metavar=f.value, help=text,
+                           type=_int_flag(f.name, 1, MAX_THREADS) if f.integer else str)
+        else:
+            g.add_argument(*names, dest=f.target, action="store_const", const=f.name, default=None, help=text)
+        if f.negation and f.refused:
+            g.add_argument(f.negation, action=_Refused, why=f.refused, help=argparse.SUPPRESS)
+        elif f.negation and f.kind == "ignored":
+            g.add_argument(f.negation, dest=f.target, action="store_const", const=f.negation, help=argparse.SUPPRESS)
+
+
+def _notes(args: argparse.Namespace) -> list[str]:
+    """One line for each ignored mergekit flag on the command line: what `run -v` prints."""
+    notes = []
+    for f in MERGEKIT_FLAGS:
+        given = getattr(args, f.target, None)
+        if f.kind == "ignored" and f.note and given is not None:
+            notes.append(f"note: {given if not f.value else f.name}: {f.note}")
+    for _, flag, _ in option_flags():
+        notes += [f"note: {a.flag}: {a.note}" for a in flag.aliases if a.note and getattr(args, _alias_dest(a), False)]
+    return notes
 
 
 def _alternatives(names) -> str:
@@ -96,14 +160,15 @@ def _alternatives(names) -> str:
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="mergekit YAML config")
     p.add_argument("out", help="output folder")
-    _add_options(p, "run")
+    compat = p.add_argument_group("mergekit compatibility")
+    _add_options(p, "run", compat)
     p.add_argument("--report", default=None, metavar="FILE.json", help="write the run report as JSON")
-    for noop in MERGEKIT_IGNORED_FLAGS:
-        p.add_argument(noop, action="store_true", help=argparse.SUPPRESS)
-    for ignored in MERGEKIT_IGNORED_VALUES:
-        p.add_argument(ignored, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--num-threads", type=_int_flag("--num-threads", 1, MAX_THREADS), default=None,
+    _add_mergekit_flags(compat)
+    threads = _int_flag("--num-threads", 1, MAX_THREADS)
+    p.add_argument("--num-threads", type=threads, default=None,
                    help="torch intra-op threads, 1 to 1024 (default: torch's)")
+    # a flag of its own, not a second spelling: --num-threads' messages name --num-threads alone
+    compat.add_argument("-j", dest="num_threads", type=threads, metavar="N", help="mergekit alias for --num-threads")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
-        argv = ["run", *argv]  # mergekit-yaml style: streammerge CONFIG OUT
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
+        argv = ["run", *argv]  # mergekit-yaml style: streammerge [FLAGS] CONFIG OUT [FLAGS]
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -257,11 +322,19 @@ def _cmd_run(args: argparse.Namespace, console) -> int:
         from .merge import check_report_path  # (a report in OUT is fine: the run creates OUT)
 
         check_report_path(args.report)  # before the merge: a bad path must not cost a whole run
+    if args.verbose and not args.quiet:
+        for note in _notes(args):
+            console.print(note, highlight=False, markup=False, soft_wrap=True)
     if args.num_threads:
         import torch
 
         torch.set_num_threads(args.num_threads)
-    report = run_with_progress(args.config, args.out, options_from_args(args), console)
+    if args.quiet:  # errors are printed by `_main` on its own console, still heard
+        from rich.console import Console
+
+        console = Console(stderr=True, quiet=True)
+    extra = {"progress": False} if args.quiet else {}
+    report = run_with_progress(args.config, args.out, options_from_args(args, **extra), console)
     report.print(console)
     if args.report:
         report.write_json(Path(args.report))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -94,11 +95,80 @@ def default_max_memory() -> int:
 
 
 MERGE_COMMANDS = ("run", "check", "bench")  # the subcommands that build a RunOptions
-MERGEKIT_IGNORED_FLAGS = ("--lazy-unpickle", "--low-cpu-memory", "--safe-serialization", "--trust-remote-code",
-                          "--read-to-gpu", "--lazy-loader", "--verbose", "-v", "--quiet", "--multi-gpu")
-"""mergekit-yaml switches `run` accepts and ignores (they tune mergekit's own loader), so its command lines work."""
-MERGEKIT_IGNORED_VALUES = ("--transformers-cache", "--lora-merge-cache")
-"""mergekit-yaml options with a value that `run` accepts and ignores."""
+@dataclass(frozen=True)
+class MergekitFlag:
+    """A mergekit-yaml flag that is no RunOptions field, shown under "mergekit compatibility" in `run --help`.
+
+    `kind`: "ignored" (means nothing for a streaming engine: accepted, and `note` says why under -v),
+    "switch" (sets the CLI's `dest` to True, `negation` to False), "count" (repeatable, counted in
+    `dest`). `value`: the metavar of a flag that takes a value (an integer when `integer`). `refused`:
+    why `negation` is not implemented, a usage error, so that it can never silently change the result."""
+
+    name: str
+    help: str
+    kind: str = "ignored"
+    negation: str | None = None
+    value: str | None = None
+    integer: bool = False
+    note: str | None = None
+    refused: str | None = None
+    dest: str | None = None
+    extra: tuple[str, ...] = ()   # further spellings of `name`
+
+    @property
+    def target(self) -> str:
+        return self.dest or "mergekit_" + self.name.lstrip("-").replace("-", "_")
+
+
+MERGEKIT_FLAGS = (
+    MergekitFlag("--quiet", "print nothing but errors: no progress bar, warnings or report table", kind="switch",
+                 negation="--no-quiet", dest="quiet"),
+    MergekitFlag("-v", "print a note for each mergekit flag accepted but ignored (repeatable)", kind="count",
+                 dest="verbose", extra=("--verbose",)),
+    MergekitFlag("--safe-serialization", "write safetensors (always; --no-safe-serialization is refused)",
+                 negation="--no-safe-serialization",
+                 refused="streammerge writes safetensors only; pickled (.bin) output is not implemented; leave the "
+                         "flag out"),
+    MergekitFlag("--unsafe-truncate-embeddings", "accepted: differing vocabularies are cropped to the smallest",
+                 negation="--no-unsafe-truncate-embeddings",
+                 note="streammerge always crops differing vocabularies to the smallest, with a warning; ignored"),
+    MergekitFlag("--trust-remote-code", "accepted, ignored", negation="--no-trust-remote-code",
+                 note="streammerge runs no model code (it reads config.json and safetensors); ignored"),
+    MergekitFlag("--lazy-unpickle", "accepted, ignored", negation="--no-lazy-unpickle",
+                 note="streammerge reads safetensors only and never unpickles; ignored"),
+    MergekitFlag("--low-cpu-memory", "accepted, ignored", negation="--no-low-cpu-memory",
+                 note="streammerge keeps resident memory under --max-memory; ignored"),
+    MergekitFlag("--read-to-gpu", "accepted, ignored", negation="--no-read-to-gpu",
+                 note="streammerge stages row bands on the device it computes on; ignored"),
+    MergekitFlag("--multi-gpu", "accepted, ignored", negation="--no-multi-gpu",
+                 note="streammerge computes on one device; ignored"),
+    MergekitFlag("--async-write", "accepted, ignored", negation="--no-async-write",
+                 note="streammerge always writes asynchronously; ignored"),
+    MergekitFlag("--write-threads", "accepted, ignored", value="N", integer=True,
+                 note="streammerge's writer sets its own threads; ignored"),
+    MergekitFlag("--clone-tensors", "accepted, ignored", negation="--no-clone-tensors",
+                 note="streammerge writes every output tensor from its own buffer; ignored"),
+    MergekitFlag("--lazy-loader", "accepted, ignored", note="streammerge reads byte ranges lazily always; ignored"),
+    MergekitFlag("--transformers-cache", "accepted, ignored", value="PATH",
+                 note="streammerge reads model folders only; ignored"),
+    MergekitFlag("--lora-merge-cache", "accepted, ignored", value="PATH",
+                 note="streammerge applies no LoRA adapters ('model+lora' is a config error); ignored"),
+    MergekitFlag("--lora-merge-dtype", "accepted, ignored", value="DTYPE",
+                 note="streammerge applies no LoRA adapters ('model+lora' is a config error); ignored"),
+)
+"""The mergekit-yaml 0.1.5 flags `run` takes beside RunOptions' own (which carry their mergekit aliases)."""
+
+
+def parse_device(text: str) -> str:
+    """mergekit's `cuda:N` is our `cuda` when N is 0; any other index is refused rather than computed elsewhere."""
+    m = re.fullmatch(r"cuda:(\d+)", text.strip())
+    if m is None:
+        return text
+    if m[1].strip("0"):  # (not int(): a 5000-digit index is text too long to convert)
+        index = m[1] if len(m[1]) <= 6 else "N"
+        raise ConfigError(f"--device: {shown(text)}: streammerge computes on the first visible GPU only; run with "
+                          f"CUDA_VISIBLE_DEVICES={index} and --device cuda")
+    return "cuda"
 
 
 @dataclass(frozen=True)
@@ -108,6 +178,8 @@ class Alias:
     flag: str
     value: object
     help: str
+    negation: str | None = None   # a switch that cancels this alias (mergekit's --no-cuda)
+    note: str | None = None       # what `run -v` says of the part of mergekit's meaning that is ignored
 
 
 @dataclass(frozen=True)
@@ -129,6 +201,7 @@ class Flag:
     sets: bool = True
     negation: str | None = None
     aliases: tuple[Alias, ...] = ()
+    convert: Callable[[str], str] | None = None  # "choice": maps the text before the check (cuda:0 -> cuda)
 
 
 def _option(default: object, flag: Flag | None = None, lo: int | None = None, hi: int | None = None):
@@ -152,7 +225,11 @@ class RunOptions:
         0, MAX_SIZE)
     device: str = _option("cpu", Flag(
         "--device", "where to compute (default: cpu)", kind="choice", choices=("cpu", "cuda", "auto"),
-        aliases=(Alias("--cuda", "cuda", "mergekit alias for --device cuda"),)))
+        convert=parse_device,
+        aliases=(Alias("--cuda", "cuda", "mergekit alias for --device cuda", negation="--no-cuda"),
+                 Alias("--gpu-rich", "cuda", "mergekit alias: --device cuda here (one device; the rest is ignored)",
+                       note="means --device cuda here; its --low-cpu-memory, --read-to-gpu and --multi-gpu are "
+                            "ignored"))))
     out_shard_size: int = _option(5 * 1000**3, Flag(  # mergekit's default "5B"
         "--out-shard-size", "maximum output shard size (default: 5B, mergekit's: 5e9 bytes)", kind="size",
         hint="write a size such as 5B (mergekit's default, 5e9 bytes) or 2GiB"), 1, MAX_SIZE)
@@ -172,7 +249,8 @@ class RunOptions:
                                               negation="--no-copy-tokenizer"))
     write_model_card: bool = _option(True, Flag("--write-model-card", commands=("run",),
                                                 negation="--no-write-model-card"))
-    allow_crimes: bool = _option(False, Flag("--allow-crimes", "mergekit flag: accepted", commands=("run",)))
+    allow_crimes: bool = _option(False, Flag("--allow-crimes", "mergekit flag: accepted", commands=("run",),
+                                             negation="--no-allow-crimes"))
     check_nonfinite: bool = _option(True)
 
     def __post_init__(self) -> None:
