@@ -24,7 +24,7 @@ def _config(family, method: str) -> dict:
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "model_stock"])
 def test_plan_round_trips_through_json(tiny_family, tmp_path, method):
     cfg = write_yaml(tmp_path / "c.yml", _config(tiny_family, method))
-    plan = check(cfg, RunOptions(max_memory=1 << 30, out_shard_size=200_000))
+    plan = check(cfg, RunOptions(max_memory=4 << 30, out_shard_size=200_000))
     back = plan_from_json(plan_to_json(plan))
     assert back == plan
     assert back.out_config == plan.out_config  # not part of Plan's equality

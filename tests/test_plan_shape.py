@@ -161,7 +161,7 @@ def test_scope_model_with_two_densities_for_one_model_is_refused_at_plan_time(ti
            "models": [{"model": str(experts[0]), "parameters": {"weight": 0.5, "density": [0.3, 0.7]}},
                       {"model": str(experts[1]), "parameters": {"weight": 0.5, "density": 0.5}}]}
     with pytest.raises(ConfigError, match=r"parameters: scope: model needs one density \(and gamma\) per model"):
-        check(write_yaml(tmp_path / "c.yml", doc), RunOptions(max_memory=1 << 30))
+        check(write_yaml(tmp_path / "c.yml", doc), RunOptions(max_memory=4 << 30))
 
 
 def test_each_shard_header_and_offsets_are_in_the_plan_and_the_writer_follows_them(tiny_family, tmp_path):
