@@ -11,9 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import CheckpointError
-from .io.header import clip as _clip
-from .io.header import short
+from .errors import CheckpointError, clip, short
 from .io.reader import ModelFiles
 
 LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|block|layer|decoder_layers))\.(?P<idx>\d+)\.(?P<rest>.+)$")
@@ -97,20 +95,20 @@ def infer_arch(model: ModelFiles) -> Arch:
     declared = config_layer_count(model.config)
     if declared is not None and layers and declared != count:
         raise CheckpointError(f"{model.path}: config.json says {declared} layers but the weights hold "
-                              f"{count} ('{_clip(prefix)}.0' .. '{_clip(prefix)}.{count - 1}'); the checkpoint is incomplete "
+                              f"{count} ('{clip(prefix)}.0' .. '{clip(prefix)}.{count - 1}'); the checkpoint is incomplete "
                               "or config.json belongs to another model")
     suffixes: tuple[str, ...] = ()
     if layers:
         first = layers.get(0)
         if first is None:
-            raise CheckpointError(f"{model.path}: layer 0 ('{_clip(prefix)}.0.*') is missing")
+            raise CheckpointError(f"{model.path}: layer 0 ('{clip(prefix)}.0.*') is missing")
         suffixes = tuple(sorted(first, key=_suffix_order))
         for i in range(count):
             got = set(layers.get(i, ()))
             if got != set(suffixes):
                 missing = sorted(set(suffixes) - got)
                 extra = sorted(got - set(suffixes))
-                detail = _clip(f"missing {prefix}.{i}.{missing[0]}" if missing else f"unexpected {prefix}.{i}.{extra[0]}",
+                detail = clip(f"missing {prefix}.{i}.{missing[0]}" if missing else f"unexpected {prefix}.{i}.{extra[0]}",
                                200)
                 raise CheckpointError(f"{model.path}: layer {i} does not hold the same tensors as layer 0 ({detail}); "
                                       "the checkpoint is incomplete or damaged")

@@ -18,8 +18,7 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
-from .yaml_limits import cut as _cut
+from .errors import ConfigError, clip
 from .yaml_limits import load_yaml
 
 Scalar = Union[bool, int, float, str]
@@ -155,7 +154,7 @@ def _format_validation(err: ValidationError, source: str) -> str:
             msg = f"unknown key{hint}"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"  {_cut(key)}: {_cut(msg, 300)}")
+        lines.append(f"  {clip(key, 120)}: {clip(msg, 300)}")
     return f"{source}: invalid merge config:\n" + _listed(lines)
 
 
@@ -188,7 +187,7 @@ def parse_config(doc: Any, source: str = "config") -> MergeConfig:
         config = MergeConfig.model_validate(doc)
     except ValidationError as e:
         raise ConfigError(_format_validation(e, source)) from None
-    bad = [f"  {_cut(where)}: {value} is not a finite number; give a finite value" for where, value in _non_finite(config)]
+    bad = [f"  {clip(where, 120)}: {value} is not a finite number; give a finite value" for where, value in _non_finite(config)]
     if bad:
         raise ConfigError(f"{source}: invalid merge config:\n" + _listed(bad))
     return config
@@ -266,16 +265,16 @@ def resolve_model_path(ref: str, config_dir: Path | None) -> Path:
     """Paths are used as given; a relative path that does not exist from the working directory is
     also tried relative to the config file's folder."""
     if "\0" in ref:
-        raise ConfigError(f"model {_cut(repr(ref))}: a path cannot hold a NUL character; fix the model path")
+        raise ConfigError(f"model {clip(repr(ref), 120)}: a path cannot hold a NUL character; fix the model path")
     try:
         if "+" in ref and not Path(ref).exists():
-            raise ConfigError(f"model {_cut(repr(ref))}: LoRA references ('model+lora') are not supported yet; "
+            raise ConfigError(f"model {clip(repr(ref), 120)}: LoRA references ('model+lora') are not supported yet; "
                               "merge the adapter into the model first")
         p = Path(ref).expanduser()
         if not p.is_absolute() and not p.exists() and config_dir is not None and (config_dir / p).exists():
             p = config_dir / p
     except (OSError, RuntimeError) as e:  # a name too long, a folder we may not enter, ~nosuchuser
-        raise ConfigError(f"model {_cut(repr(ref))}: not a usable path ({getattr(e, 'strerror', None) or e}); "
+        raise ConfigError(f"model {clip(repr(ref), 120)}: not a usable path ({getattr(e, 'strerror', None) or e}); "
                           "fix the model path") from None
     return p
 
@@ -303,7 +302,7 @@ def evaluate(value: ParamValue, tensor_name: str, t: float, convert: Callable[[A
     if isinstance(value, (bool, int, float, str)):
         return convert(value)
     if not isinstance(value, list):
-        raise ValueError(f"unexpected parameter value {_cut(repr(value))}")
+        raise ValueError(f"unexpected parameter value {clip(repr(value), 120)}")
     if not value:
         return None
     if all(isinstance(v, (bool, int, float, str)) for v in value):
@@ -315,7 +314,7 @@ def evaluate(value: ParamValue, tensor_name: str, t: float, convert: Callable[[A
         c = _as_condition(item)
         if c is None:
             raise ValueError(f"a list must be all scalars (a gradient) or all {{filter, value}} entries, "
-                             f"got {_cut(repr(item))}")
+                             f"got {clip(repr(item), 120)}")
         if c.filter is None or c.filter == "*" or (tensor_name and c.filter in tensor_name):
             return evaluate(c.value, tensor_name, t, convert)
     return None
@@ -336,7 +335,7 @@ def check_value_shape(value: ParamValue, key: str) -> None:
     """Reject malformed parameter values at load time, with the key path."""
     if isinstance(value, dict):
         if _as_condition(value) is None:
-            raise ConfigError(f"{key}: a mapping value must be {{filter: ..., value: ...}}, got keys {_cut(str(list(value)))}")
+            raise ConfigError(f"{key}: a mapping value must be {{filter: ..., value: ...}}, got keys {clip(str(list(value)), 120)}")
         return
     if isinstance(value, list):
         if not value:
@@ -347,5 +346,5 @@ def check_value_shape(value: ParamValue, key: str) -> None:
             raise ConfigError(f"{key}: a list must be all numbers (a gradient) or all {{filter, value}} entries")
         for i, c in enumerate(conds):
             if _as_condition(c) is None:
-                raise ConfigError(f"{key}[{i}]: expected {{filter: ..., value: ...}}, got keys {_cut(str(list(c)))}")
+                raise ConfigError(f"{key}[{i}]: expected {{filter: ..., value: ...}}, got keys {clip(str(list(c)), 120)}")
             check_value_shape(c["value"], f"{key}[{i}].value")

@@ -1,4 +1,18 @@
-"""Typed errors: every message names the object, what was expected, and the fix."""
+"""Typed errors: every message names the object, what was expected, and the fix.
+
+Names, paths and values in a message come from files and flags we did not write (a hostile header can
+hold megabytes in one tensor name), so every message part from outside goes through `clip` or `short`.
+"""
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """A name, path or value cut to `limit` characters for a message, unquoted."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short(value: object, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters for a message (quoted, where `clip` is not)."""
+    return clip(repr(value), limit)
 
 
 class StreammergeError(Exception):

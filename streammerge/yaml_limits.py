@@ -9,16 +9,11 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, clip
 
 MAX_YAML_VALUES = 100_000   # after alias expansion: a real config holds a few hundred
 MAX_YAML_DEPTH = 64         # a real config nests 6 deep
 MAX_INT_DIGITS = 100        # int() of thousands of digits is slow, then refused by Python
-
-
-def cut(text: str, limit: int = 120) -> str:
-    """A message part cut to `limit` characters: keys and values come from the user's file."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -58,9 +53,9 @@ def load_yaml(text: str, source: str = "config") -> Any:
     except _Limit as e:
         raise ConfigError(f"{source}: {e}; a merge config is a small tree of keys and values") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {cut(str(e), 600)}") from None
+        raise ConfigError(f"{source}: not valid YAML: {clip(str(e), 600)}") from None
     except (ValueError, OverflowError) as e:  # a timestamp like 2001-13-45 passes the resolver, not datetime
-        raise ConfigError(f"{source}: not valid YAML: {cut(str(e), 300)}") from None
+        raise ConfigError(f"{source}: not valid YAML: {clip(str(e), 300)}") from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -70,7 +65,7 @@ def _measure(node: yaml.Node, where: str, level: int, memo: dict[int, tuple[int,
     """(values, height) of a composed node with every alias expanded, computed once per node (so a bomb
     is measured in microseconds); raises _Limit past MAX_YAML_VALUES or MAX_YAML_DEPTH, or on a cycle."""
     key = id(node)
-    at = f" (at {cut(where)})" if where else ""
+    at = f" (at {clip(where, 120)})" if where else ""
     if key in active:
         raise _Limit(f"an alias refers to itself: the value{at} contains itself")
     hit = memo.get(key)

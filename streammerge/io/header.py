@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, clip, short
 
 if TYPE_CHECKING:
     import torch
@@ -149,18 +149,6 @@ class Header:
 
 def _fail(path: Path, what: str, fix: str = "re-download or re-export this file") -> CheckpointError:
     return CheckpointError(f"{path}: {what}; {fix}")
-
-
-def short(value: object, limit: int = 80) -> str:
-    """repr() for a message: a hostile header can hold megabytes in one name or shape (every message
-    that names a tensor goes through this)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def clip(text: str, limit: int = 80) -> str:
-    """A name or path cut for a message, unquoted (`short` quotes): names come from files we did not write."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _count(n: int) -> str:

@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import OutputError, ResumeError
+from ..errors import OutputError, ResumeError, clip
 from .checkpoint import GENERATION_FILES, TOKENIZER_FILES
 
 MANIFEST_DIR = ".streammerge"
@@ -38,10 +38,6 @@ _RESUME_FIX = "run with --overwrite instead of --resume to start the merge again
 
 def manifest_path(out: Path) -> Path:
     return Path(out) / MANIFEST_DIR / MANIFEST
-
-
-def _short(text: str, limit: int = 120) -> str:
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _startup_only(out: Path) -> bool:
@@ -71,7 +67,7 @@ def check_outside(out: Path, files: Iterable[str | os.PathLike]) -> None:
         real = Path(f).resolve()
         if out_abs == real or out_abs in real.parents:
             via = f" (through a link, to {real})" if real != Path(f).absolute() else ""
-            raise OutputError(f"{_short(str(f))}{_short(via)} is inside the output folder {out}, which this run may "
+            raise OutputError(f"{clip(str(f), 120)}{clip(via, 120)} is inside the output folder {out}, which this run may "
                               "overwrite; move it out, or choose an output folder that holds none of the run's inputs")
 
 
@@ -154,14 +150,14 @@ def read_manifest(out: Path) -> dict:
     except OSError as e:
         raise ResumeError(f"--resume: cannot read {path}: {e.strerror}; {_RESUME_FIX}") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise ResumeError(f"--resume: {path} is damaged (not JSON: {_short(str(e), 80)}); {_RESUME_FIX}") from None
+        raise ResumeError(f"--resume: {path} is damaged (not JSON: {clip(str(e), 80)}); {_RESUME_FIX}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("fingerprint"), str) or not isinstance(doc.get("shards"), dict):
         raise ResumeError(f"--resume: {path} is damaged (expected an object with a 'fingerprint' string and a 'shards' "
                           f"object); {_RESUME_FIX}")
     for name, rec in doc["shards"].items():
         if (not isinstance(rec, dict) or type(rec.get("size")) is not int or rec["size"] < 0
                 or not isinstance(rec.get("checksum", ""), str)):
-            raise ResumeError(f"--resume: {path} is damaged (shard {_short(name, 60)!r}: expected "
+            raise ResumeError(f"--resume: {path} is damaged (shard {clip(name, 60)!r}: expected "
                               f"{{\"size\": bytes, \"checksum\": text}}); {_RESUME_FIX}")
     return doc
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from ..arch import Arch
 from ..config import MergeConfig, OutputSlice, SliceSource, evaluate
-from ..errors import CheckpointError, ConfigError, ProblemsError, StreammergeError
-from ..io.header import FLOAT_CODES, ITEMSIZE, TensorInfo, clip, short
+from ..errors import CheckpointError, ConfigError, ProblemsError, StreammergeError, clip, short
+from ..io.header import FLOAT_CODES, ITEMSIZE, TensorInfo
 from ..io.reader import ModelFiles
 from ..methods import MethodSpec, TensorJob, get_method
 from ..methods.registry import REQUIRED, Param

@@ -6,7 +6,7 @@ import math
 from typing import Any, Callable
 
 from ..errors import ConfigError
-from ..io.header import short
+from ..errors import short
 from ..methods.registry import Param
 
 
