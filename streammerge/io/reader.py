@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._lazy import lazy_module
-from ..errors import CheckpointError
-from .header import FileStamp, TensorInfo, read_header, require_regular, short
+from ..errors import CheckpointError, short
+from .header import FileStamp, TensorInfo, read_header, require_regular
 
 torch = lazy_module("torch")  # only pickled checkpoints and reading rows need it
 
@@ -164,10 +164,15 @@ class RowReader:
         return fd
 
     @staticmethod
-    def _verify(fd: int, path: Path, stamp: FileStamp | None) -> None:
+    def _verify(fd: int | None, path: Path, stamp: FileStamp | None) -> None:
+        """Refuse `path` (open as `fd`, or by name when None) if it is no longer the file `stamp` describes."""
         if stamp is None:
             return
-        what = stamp.change(FileStamp.of(os.fstat(fd)))
+        try:
+            now = os.fstat(fd) if fd is not None else os.stat(path)
+        except FileNotFoundError:
+            raise _changed(path, "the file no longer exists") from None
+        what = stamp.change(FileStamp.of(now))
         if what is not None:
             raise _changed(path, what)
 
@@ -177,11 +182,7 @@ class RowReader:
         if info.file.suffix == ".bin":
             sd = self._pickles.get(info.file)
             if sd is None:
-                if info.stamp is not None:
-                    what = info.stamp.change(FileStamp.of(os.stat(info.file))) if info.file.exists() else \
-                        "the file no longer exists"
-                    if what is not None:
-                        raise _changed(info.file, what)
+                self._verify(None, info.file, info.stamp)
                 sd = torch.load(info.file, map_location="cpu", weights_only=True, mmap=True)
                 self._pickles[info.file] = sd
             t = sd[info.name]
