@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 from .demo import TEMPLATES
 from .errors import ConfigError
@@ -33,25 +34,27 @@ EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 COMMANDS = ("run", "check", "demo", "synth", "bench")
 
 
-def _size_flag(flag: str, hint: str):
-    """An argparse type: a size of at least one byte; 0, '0.5' or '1e400' is a usage error that says what to write."""
-    def parse(text: str) -> int:
+def _argtype(flag: str, convert: Callable[[str], object], hint: str = ""):
+    """An argparse type from a converter that raises ConfigError: the value is checked when the command
+    line is read, not mid-run; the message drops the flag's name (argparse puts it first) and, for a value
+    below the range, adds `hint` (what to write instead)."""
+    def parse(text: str) -> object:
         try:
-            return parse_size(text, flag, minimum=1)
+            return convert(text)
         except ConfigError as e:
             msg = str(e).removeprefix(f"{flag}: ")
-            raise argparse.ArgumentTypeError(msg + (f"; {hint}" if "less than" in msg else "")) from None
+            raise argparse.ArgumentTypeError(msg + (f"; {hint}" if hint and "less than" in msg else "")) from None
     return parse
+
+
+def _size_flag(flag: str, hint: str):
+    """A size of at least one byte; 0, '0.5' or '1e400' is a usage error that says what to write."""
+    return _argtype(flag, lambda text: parse_size(text, flag, minimum=1), hint)
 
 
 def _int_flag(flag: str, lo: int, hi: int | None = None):
-    """An argparse type: an integer in [lo, hi], checked when the command line is read, not mid-run."""
-    def parse(text: str) -> int:
-        try:
-            return check_int(text, flag, lo, hi)
-        except ConfigError as e:
-            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{flag}: ")) from None
-    return parse
+    """An integer in [lo, hi]."""
+    return _argtype(flag, lambda text: check_int(text, flag, lo, hi))
 
 
 def _reader(flag: Flag, bounds: tuple[int, int | None] | None):
@@ -61,17 +64,6 @@ def _reader(flag: Flag, bounds: tuple[int, int | None] | None):
     if flag.kind == "int" and bounds is not None:
         return _int_flag(flag.name, *bounds)
     raise ValueError(f"RunOptions flag {flag.name}: kind {flag.kind!r} needs an integer range")
-
-
-def _choice(flag: Flag):
-    """An argparse type for a "choice" flag: `flag.convert` maps the text (cuda:0 -> cuda) or refuses it,
-    before argparse checks the result against the choices."""
-    def parse(text: str) -> str:
-        try:
-            return flag.convert(text)
-        except ConfigError as e:
-            raise argparse.ArgumentTypeError(str(e).removeprefix(f"{flag.name}: ")) from None
-    return parse
 
 
 def _alias_dest(alias: Alias) -> str:
@@ -93,7 +85,7 @@ def _add_options(p: argparse.ArgumentParser, command: str, compat=None) -> None:
                 p.add_argument(flag.negation, dest=field, action="store_const", const=not flag.sets)
         elif flag.kind == "choice":
             p.add_argument(flag.name, dest=field, default=None, choices=flag.choices, help=text,
-                           **({"type": _choice(flag)} if flag.convert else {}))
+                           **({"type": _argtype(flag.name, flag.convert)} if flag.convert else {}))
         else:
             p.add_argument(flag.name, dest=field, default=None, type=_reader(flag, bounds), help=text,
                            metavar=flag.name.lstrip("-").upper().replace("-", "_"))
