@@ -1,7 +1,7 @@
 """Run options, declared once: the CLI builds them from flags, the library takes them as given.
 
 Each `RunOptions` field carries its own command-line spelling in its metadata (`Flag`: the flag, its
-help, its mergekit aliases, how its text is read, which subcommands take it) and its range; `cli.py`
+help, its mergekit aliases, how its text is read, which subcommands take it) and its range; `cli/flags.py`
 generates the flags from these and `__post_init__` checks the range, so neither restates an option.
 Every number is range-checked here, where it enters: a size, a seed or a count from a flag or a
 caller never reaches a loop or an allocation unchecked.

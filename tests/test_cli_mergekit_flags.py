@@ -116,7 +116,7 @@ def test_verbose_prints_a_note_for_each_ignored_flag(tiny_family, tmp_path, caps
 
 
 def test_verbose_gpu_rich_says_what_it_means_here():
-    from streammerge.cli import _notes
+    from streammerge.cli.flags import notes
 
-    assert _notes(_parse(["run", "c.yml", "o", "--gpu-rich", "-v"])) == [
+    assert notes(_parse(["run", "c.yml", "o", "--gpu-rich", "-v"])) == [
         "note: --gpu-rich: means --device cuda here; its --low-cpu-memory, --read-to-gpu and --multi-gpu are ignored"]

@@ -1,0 +1,123 @@
+"""The core subcommands: run, check, demo, bench, synth. Each handler builds RunOptions from its flags,
+calls the library and prints; no merge logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..demo import TEMPLATES
+from ..synth_spec import DTYPE_SIZES, PRESETS
+from .command import EXIT_OK, EXIT_USAGE, Command
+from .flags import add_options, alternatives, int_flag, notes, options_from_args, run_args
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config")
+    add_options(p, "check")
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=None, help="keep the demo folder here (default: a temporary folder)")
+    p.add_argument("--method", default="linear", help="method for the demo merge (default: linear)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="small", help=f"{alternatives(PRESETS)} (default: small)")
+    p.add_argument("--method", default="linear", help=f"{alternatives(TEMPLATES)} (default: linear)")
+    p.add_argument("--data", default=None, help="keep (and reuse) the synthetic inputs here (default: a temporary folder)")
+    p.add_argument("--report", default=None, metavar="FILE.json", help="write the run report as JSON")
+    add_options(p, "bench")
+
+
+def _synth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out")
+    p.add_argument("--preset", default="tiny", help=f"{alternatives(PRESETS)} (default: tiny)")
+    p.add_argument("--experts", type=int_flag("--experts", 1, 64), default=2, help="1 to 64 (default: 2)")
+    p.add_argument("--seed", type=int_flag("--seed", 0, 2**63 - 1), default=0, help="0 to 2^63-1 (default: 0)")
+    p.add_argument("--dtype", default=None, help=f"{alternatives(DTYPE_SIZES)} (default: the preset's)")
+
+
+def _run(args: argparse.Namespace, console) -> int:
+    from ..progress import run_with_progress
+
+    if args.report and Path(args.report).absolute().parent != Path(args.out).absolute():
+        from ..merge import check_report_path  # (a report in OUT is fine: the run creates OUT)
+
+        check_report_path(args.report)  # before the merge: a bad path must not cost a whole run
+    if args.verbose and not args.quiet:
+        for note in notes(args):
+            console.print(note, highlight=False, markup=False, soft_wrap=True)
+    if args.num_threads:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
+    if args.quiet:  # errors are printed by `_main` on its own console, still heard
+        from rich.console import Console
+
+        console = Console(stderr=True, quiet=True)
+    extra = {"progress": False} if args.quiet else {}
+    report = run_with_progress(args.config, args.out, options_from_args(args, **extra), console)
+    report.print(console)
+    if args.report:
+        report.write_json(Path(args.report))
+    return EXIT_OK
+
+
+def _check(args: argparse.Namespace, console) -> int:
+    from ..merge import check
+    from ..plan.explain import print_plan
+
+    plan = check(args.config, options_from_args(args))
+    print_plan(plan, console)
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace, console) -> int:
+    from ..demo import demo
+
+    return demo(console, out=Path(args.out) if args.out else None, method=args.method, progress=not args.no_progress)
+
+
+def _bench(args: argparse.Namespace, console) -> int:
+    from ..demo import bench
+    from ..merge import check_report_path
+
+    if args.report:
+        check_report_path(args.report)
+
+    report = bench(console, options_from_args(args, overwrite=True, progress=True), args.preset, args.method,
+                   Path(args.data) if args.data else None)
+    if report is None:
+        return EXIT_USAGE
+    if args.report:
+        report.write_json(Path(args.report))
+    return EXIT_OK
+
+
+def _synth(args: argparse.Namespace, console) -> int:
+    import dataclasses
+
+    from .. import synth
+
+    spec = synth.PRESETS.get(args.preset)
+    if spec is None:
+        console.print(f"[red]error:[/red] unknown preset {args.preset!r}; choose from {', '.join(synth.PRESETS)}")
+        return EXIT_USAGE
+    if args.dtype:
+        spec = dataclasses.replace(spec, dtype=args.dtype)
+    base, experts = synth.make_family(Path(args.out), spec, args.experts, seed=args.seed)
+    console.print(f"base: {base}")
+    for e in experts:
+        console.print(f"expert: {e}")
+    return EXIT_OK
+
+
+COMMANDS = (
+    Command("run", "merge CONFIG into OUT", run_args, _run, resumable=True),
+    Command("check", "validate CONFIG and print the plan; reads headers only", _check_args, _check),
+    Command("demo", "make tiny checkpoints and merge them", _demo_args, _demo),
+    Command("synth", "write seeded synthetic Llama-shaped checkpoints", _synth_args, _synth),
+    Command("bench", "merge synthetic checkpoints and print the per-shard throughput", _bench_args, _bench),
+)
