@@ -1,7 +1,9 @@
 """streammerge: out-of-core merging of LLM checkpoints that share a backbone, speaking mergekit's YAML.
 
-Public API: `run(config, out, options)`, `check(config, options)`, `RunOptions`. Importing this package
-is cheap: torch and the rest load when a function is called.
+Public API (docs/api.md): `run(config, out, **options)` and `check(config, **options)` for a config
+given as a path, YAML text or a dict; `merge_tensors` and `merge_state_dicts` for merges in memory;
+`RunOptions`, `CheckResult`, `RunReport`, `StreammergeError`. Importing this package is cheap: torch
+and the rest load when a function is called.
 """
 
 from __future__ import annotations
@@ -11,20 +13,26 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .merge import check, run
+    from .api import CheckResult, check, run
+    from .errors import StreammergeError
+    from .inprocess import merge_state_dicts, merge_tensors
     from .options import RunOptions
+    from .report import RunReport
+
+_EXPORTS = {
+    "run": "api", "check": "api", "CheckResult": "api",
+    "merge_tensors": "inprocess", "merge_state_dicts": "inprocess",
+    "RunOptions": "options", "RunReport": "report", "StreammergeError": "errors",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("run", "check"):
-        from . import merge
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'streammerge' has no attribute {name!r}")
+    import importlib
 
-        return getattr(merge, name)
-    if name == "RunOptions":
-        from .options import RunOptions
-
-        return RunOptions
-    raise AttributeError(name)
+    return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
-__all__ = ["run", "check", "RunOptions", "__version__"]
+__all__ = [*_EXPORTS, "__version__"]

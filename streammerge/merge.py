@@ -34,10 +34,18 @@ if TYPE_CHECKING:
     import torch
 
 
-def check(config_path: str | os.PathLike, options: RunOptions | None = None) -> Plan:
-    """Validate the config against the checkpoints' headers and return the plan; reads no tensor data."""
+def check(config_path: str | os.PathLike | None, options: RunOptions | None = None, *,
+          config_text: str | None = None) -> Plan:
+    """Validate the config against the checkpoints' headers and return the plan; reads no tensor data.
+    With `config_text` the config is that text (`config_path` may then be None: relative model paths
+    are taken from the working directory)."""
     options = options or RunOptions()
-    return build_plan(load_config_text(read_config_text(config_path), str(config_path)), config_path, options)
+    text = read_config_text(config_path) if config_text is None else config_text
+    return build_plan(load_config_text(text, _source(config_path)), config_path, options)
+
+
+def _source(config_path: str | os.PathLike | None) -> str:
+    return "config" if config_path is None else str(config_path)
 
 
 def plan_fingerprint(plan: Plan, config: MergeConfig) -> str:
@@ -178,15 +186,16 @@ def _shard_problem(f: Path, rec: dict) -> str | None:
     return None
 
 
-def run(config_path: str | os.PathLike, out: str | os.PathLike, options: RunOptions | None = None,
-        on_start: Callable[[Plan], None] | None = None, on_progress: Callable[[int], None] | None = None) -> RunReport:
-    """Merge as the config says into `out`; returns the run report."""
+def run(config_path: str | os.PathLike | None, out: str | os.PathLike, options: RunOptions | None = None,
+        on_start: Callable[[Plan], None] | None = None, on_progress: Callable[[int], None] | None = None, *,
+        config_text: str | None = None) -> RunReport:
+    """Merge as the config says into `out`; returns the run report. `config_text`: as in `check`."""
     from . import execute  # noqa: F401  before planning: torch is part of the memory baseline the plan measures
 
     options = _with_gpu_budget(options or RunOptions())
     t0 = time.perf_counter()
-    text = read_config_text(config_path)
-    config = load_config_text(text, str(config_path))
+    text = read_config_text(config_path) if config_text is None else config_text
+    config = load_config_text(text, _source(config_path))
     plan = build_plan(config, config_path, options)
     device = _resolve_device(options.device)
     out = Path(out)

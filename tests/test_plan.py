@@ -3,7 +3,8 @@
 import pytest
 
 from conftest import write_yaml
-from streammerge import RunOptions, check
+from streammerge import RunOptions
+from streammerge.merge import check
 from streammerge.errors import BudgetError, ConfigError
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import shard_bytes, write_yaml
-from streammerge import RunOptions, check
+from streammerge import RunOptions
+from streammerge.merge import check
 from streammerge.errors import StreammergeError
 
 TV = {"weight": 0.5, "density": 0.4}

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import write_yaml
-from streammerge import RunOptions, check
+from streammerge import RunOptions
+from streammerge.merge import check
 
 # -- a tensor with no elements is one band ------------------------------------------------------------
 

@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import write_yaml
-from streammerge import RunOptions, check, run
+from streammerge import RunOptions, run
+from streammerge.merge import check
 from streammerge.cli import main
 from streammerge.errors import CheckpointError, ConfigError
 from streammerge.io.reader import RowReader
@@ -345,7 +346,8 @@ def test_check_reports_five_different_mistakes_at_once(tmp_path, capsys):
 
 
 def test_the_same_problem_on_many_tensors_is_reported_once(tmp_path):
-    from streammerge import RunOptions, check, synth
+    from streammerge import RunOptions, synth
+    from streammerge.merge import check
     from streammerge.errors import ProblemsError
 
     base, experts = synth.make_family(tmp_path / "fam", synth.PRESETS["tiny"], 2, seed=4)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import merge, shard_bytes, write_yaml
-from streammerge import RunOptions, check
+from streammerge import RunOptions
+from streammerge.merge import check
 from streammerge.cli import main
 from streammerge.errors import BudgetError
 from streammerge.plan import budget as budget_mod

@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import write_yaml
-from streammerge import RunOptions, check, run
+from streammerge import RunOptions, run
+from streammerge.merge import check
 from streammerge.cli import main
 from streammerge.config import load_config_text, read_config_text
 from streammerge.errors import CheckpointError, ConfigError

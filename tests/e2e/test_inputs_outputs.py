@@ -75,7 +75,7 @@ def test_tokenizer_source_and_chat_template(tiny_family, tmp_path):
 
 
 def test_global_parameter_given_per_model_warns(tiny_family, tmp_path):
-    from streammerge import check
+    from streammerge.merge import check
 
     base, experts = tiny_family
     cfg = config_for("linear", base, experts)

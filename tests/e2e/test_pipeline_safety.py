@@ -76,7 +76,7 @@ def test_zero_size_tensors_with_several_shards_and_resume(pair, tmp_path, shard_
     """Several shards, then --resume after the loss of every shard but the first: the same bytes, every
     tensor (empty ones too) where the index says. At 20 bytes the empty tensors get a shard of their
     own; at 100 they end the second shard, after its real tensors."""
-    from streammerge import check
+    from streammerge.merge import check
 
     paths, tensors = pair
     cfg = write_yaml(tmp_path / "c.yml", _linear(paths))
@@ -306,7 +306,7 @@ def test_compute_failure_stops_the_run_as_itself(tiny_family, tmp_path, monkeypa
 
 def test_shard_done_failure_stops_the_run_as_itself(pair, tmp_path):
     """`on_shard_done` (the manifest update) runs on the writer thread: its failure is the run's."""
-    from streammerge import check
+    from streammerge.merge import check
     from streammerge.execute import Executor
 
     paths, _ = pair
@@ -326,7 +326,7 @@ def test_shard_done_failure_stops_the_run_as_itself(pair, tmp_path):
 def test_sce_and_arcee_fusion_merge_a_zero_size_tensor_to_the_empty_tensor(tmp_path, method):
     """The methods themselves (the executor skips empty tensors): their reduce passes and map, fed the
     empty bands of each zero-size tensor, give the empty tensor."""
-    from streammerge import check
+    from streammerge.merge import check
     from streammerge.methods import TensorJob, get_method
 
     paths = [tmp_path / f"m{i}" for i in range(3)]
@@ -400,7 +400,7 @@ def test_a_real_full_filesystem_is_a_one_line_error_and_resume_finishes(tiny_fam
 
 
 def test_each_shard_carries_its_checksum_before_on_shard_done(pair, tmp_path):
-    from streammerge import check
+    from streammerge.merge import check
     from streammerge.execute import Executor
     from streammerge.io.checksum import file_digest
 

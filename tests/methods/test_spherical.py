@@ -277,7 +277,8 @@ def test_config_errors_come_before_any_data(cfg, message, mini_family, tmp_path,
 def plan_passes(cfg: dict, tmp_path: Path) -> dict[int, set[int]]:
     """Passes (reduces + map) of the planned tensors, by tensor rank; reads headers only."""
     from conftest import write_yaml
-    from streammerge import RunOptions, check
+    from streammerge import RunOptions
+    from streammerge.merge import check
 
     plan = check(write_yaml(tmp_path / "plan.yml", cfg), RunOptions(max_memory=2 << 30))
     out: dict[int, set[int]] = {}

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import assert_band_invariant, load_dir, merge, shard_bytes, write_yaml
-from streammerge import RunOptions, check
+from streammerge import RunOptions
+from streammerge.merge import check
 from streammerge.errors import ConfigError
 
 FAMILY = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
