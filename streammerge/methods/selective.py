@@ -7,7 +7,8 @@ take part. The k-th largest variance comes from the exact bit-pattern histogram 
 variances, then narrow the histogram in refine passes). Exactly k elements are kept: every one above
 the threshold and the first tied ones in flat order (mergekit's `torch.topk` picks tied elements in
 an unspecified order). A last reduce pass then sums each model's kept squares (the weights) and counts,
-per row, the tied elements kept before it, so that the map needs no state. Passes: bf16/fp16 2 + map,
+per row, the tied elements kept before it, so that the map needs no state. The weights' mean square is
+exactly rounded; mergekit's fp32 sum is up to 2 ulps from it (docs/compatibility.md, the sce rows). Passes: bf16/fp16 2 + map,
 fp32 4 + map, fp64 6 + map; with `select_topk` 1 (the default) one reduce pass for the weights.
 
 arcee_fusion: importance |f − b|·KL(softmax f ‖ softmax b) per row, threshold median + 1.5·IQR of
