@@ -112,8 +112,9 @@ def make_options(options: RunOptions | None = None, values: Mapping[str, Any] | 
             values[name] = parse_size(value, name)
         elif flag.kind == "int":
             values[name] = check_int(value, name, *fields[name].metadata["range"])
-        elif flag.kind == "choice" and isinstance(value, str):
-            value = flag.convert(value) if flag.convert else value
+        elif flag.kind == "choice":
+            if isinstance(value, str) and flag.convert:
+                value = flag.convert(value)
             if value not in flag.choices:
                 raise ConfigError(f"{name}: {value!r} is not one of {', '.join(flag.choices)}")
             values[name] = value
