@@ -71,6 +71,8 @@ def test_option_values_are_checked_as_the_flags_check_them(tiny_family):
         streammerge.check(cfg, max_memory="lots")
     with pytest.raises(ConfigError, match="device: 'tpu' is not one of cpu, cuda, auto"):
         streammerge.check(cfg, device="tpu")
+    with pytest.raises(ConfigError, match="device: 0 is not one of cpu, cuda, auto"):
+        streammerge.check(cfg, device=0)
     with pytest.raises(ConfigError, match="overwrite: expected True or False"):
         streammerge.check(cfg, overwrite="yes")
     with pytest.raises(ConfigError, match="seed: .* is out of range"):
