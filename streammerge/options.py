@@ -129,9 +129,6 @@ MERGEKIT_FLAGS = (
                  negation="--no-safe-serialization",
                  refused="streammerge writes safetensors only; pickled (.bin) output is not implemented; leave the "
                          "flag out"),
-    MergekitFlag("--unsafe-truncate-embeddings", "accepted: differing vocabularies are cropped to the smallest",
-                 negation="--no-unsafe-truncate-embeddings",
-                 note="streammerge always crops differing vocabularies to the smallest, with a warning; ignored"),
     MergekitFlag("--trust-remote-code", "accepted, ignored", negation="--no-trust-remote-code",
                  note="streammerge runs no model code (it reads config.json and safetensors); ignored"),
     MergekitFlag("--lazy-unpickle", "accepted, ignored", negation="--no-lazy-unpickle",
@@ -251,6 +248,11 @@ class RunOptions:
                                                 negation="--no-write-model-card"))
     allow_crimes: bool = _option(False, Flag("--allow-crimes", "mergekit flag: accepted", commands=("run",),
                                              negation="--no-allow-crimes"))
+    # mergekit's crop of differing vocabularies to the smallest; without it a difference is an error
+    unsafe_truncate_embeddings: bool = _option(False, Flag(
+        "--unsafe-truncate-embeddings", "UNSAFE (mergekit flag): crop embeddings and lm_head of differing "
+        "vocabularies to the smallest; assumes the kept token ids mean the same in every model",
+        negation="--no-unsafe-truncate-embeddings"))
     check_nonfinite: bool = _option(True)
 
     def __post_init__(self) -> None:

@@ -24,12 +24,14 @@ from ..io.reader import ModelFiles
 from ..methods import MethodSpec, TensorJob, get_method
 from ..methods.registry import REQUIRED, Param
 from ..options import RunOptions
+from ..unsupported import ignored_keys
 from . import budget as budget_mod
 from . import rules
 from .inputs import check_same_depth, config_source, embedding_rows, open_inputs, out_config
 from .ir import Plan, Source, TensorPlan
 from .params import converter
 from .shards import assign_shards, shard_plans, with_layout
+from .vocab import cropped_vocabulary
 
 TORCH_NAME = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 CODE_OF_NAME = {v: k for k, v in TORCH_NAME.items()}
@@ -51,7 +53,7 @@ class Planner:
         self.model_refs: list[str] = config.referenced_models()
         self.models: dict[str, ModelFiles] = {}
         self.archs: dict[str, Arch] = {}
-        self.warnings: list[str] = []
+        self.warnings: list[str] = ignored_keys(config)
         self.problems: list[StreammergeError] = []
         self._problem_kinds: dict[str, int] = {}
 
@@ -349,24 +351,22 @@ class Planner:
         return code
 
     def _common_shape(self, out_name: str, kind: str, infos: list[TensorInfo], refs: list[str]) -> tuple[int, ...]:
-        """Embeddings whose vocabularies differ are cropped to the smallest (mergekit's rule); any other
-        shape difference is an error."""
+        """Embeddings whose vocabularies differ are an error, as in mergekit 0.1.5 ("Tensor size mismatch"),
+        unless --unsafe-truncate-embeddings asks for mergekit's crop to the smallest; any other shape
+        difference is an error."""
         shapes = [i.shape for i in infos]
         if kind in ("embedding", "lm_head") and len({s[1:] for s in shapes}) == 1:
-            common = min(s[0] for s in shapes)
-            sizes = ", ".join(f"{r}: {s[0]}" for r, s in zip(refs, shapes))
-            self.warnings.append(f"{clip(out_name)}: vocabulary sizes differ ({sizes}); cropping to {common} rows")
-            return (common, *shapes[0][1:])
+            rows, warning = cropped_vocabulary(out_name, [s[0] for s in shapes], refs, self.config,
+                                               self.options.unsafe_truncate_embeddings)
+            self.warnings.append(warning)
+            return (rows, *shapes[0][1:])
         detail = "; ".join(f"{r}: {list(s)}" for r, s in zip(refs, shapes))
         raise CheckpointError(f"tensor {short(out_name)} has different shapes across models ({detail}); these models "
                               "do not share a backbone and cannot be merged tensor by tensor")
 
     def _tokenizer_model(self, model_index: dict[str, int], ref_name: str) -> int | None:
         src = self.config.tokenizer_source or (self.config.tokenizer.source if self.config.tokenizer else None)
-        if src in (None, "base"):
-            return model_index[ref_name]
-        if src == "union":
-            self.warnings.append("tokenizer_source 'union' is not supported yet; copying the base model's tokenizer")
+        if src in (None, "base"):  # ('union' is refused by the config's own checks)
             return model_index[ref_name]
         if src in model_index:
             return model_index[src]

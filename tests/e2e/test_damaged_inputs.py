@@ -257,38 +257,7 @@ def test_errors_with_brackets_print_verbatim(family, tmp_path, capsys, no_data_r
     _assert_cli_fails(["check", str(_config(tmp_path, base, odd))], [str(odd / INDEX)], capsys)
 
 
-def test_vocabulary_sizes_differ_warns_and_crops(family, tmp_path, capsys):
-    from streammerge import synth
-
-    base, _ = family
-    big = synth.write_checkpoint(tmp_path / "big_vocab", dataclasses.replace(synth.PRESETS["tiny"], vocab=300), seed=9)
-    cfg = write_yaml(tmp_path / "merge.yml", {"merge_method": "linear", "models": [
-        {"model": str(big), "parameters": {"weight": 1.0}}, {"model": str(base), "parameters": {"weight": 0.0}}]})
-    warning = f"model.embed_tokens.weight: vocabulary sizes differ ({big}: 300, {base}: 256); cropping to 256 rows"
-    assert warning in check(cfg, RunOptions(max_memory=2 << 30)).warnings
-    assert main(["check", str(cfg)]) == 0
-    assert _flat(warning) in _flat(capsys.readouterr().err)
-    out = tmp_path / "out"
-    report = run(cfg, out, RunOptions(max_memory=2 << 30, progress=False))
-    assert warning in report.warnings
-    assert any(w.startswith("lm_head.weight: vocabulary sizes differ") for w in report.warnings)
-    merged, source = load_file(out / "model.safetensors"), load_file(big / "model.safetensors")
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        assert merged[name].shape == (256, 64)
-        assert torch.equal(merged[name], source[name][:256])  # weight 1 on the big model: its first rows
-
-
-def test_cropped_vocabulary_is_the_vocab_size_in_config_json(family, tmp_path):
-    from streammerge import synth
-
-    base, _ = family
-    big = synth.write_checkpoint(tmp_path / "big_vocab", dataclasses.replace(synth.PRESETS["tiny"], vocab=300), seed=9)
-    cfg = write_yaml(tmp_path / "merge.yml", {"merge_method": "linear", "models": [
-        {"model": str(big), "parameters": {"weight": 0.5}}, {"model": str(base), "parameters": {"weight": 0.5}}]})
-    out = tmp_path / "out"
-    run(cfg, out, RunOptions(max_memory=2 << 30, progress=False))
-    assert json.loads((out / "config.json").read_text())["vocab_size"] == 256
-
+# vocabulary sizes that differ: tests/test_vocab.py
 
 def test_overflow_to_inf_is_reported(tmp_path, capsys):
     from streammerge import synth
