@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, clip
+from .unsupported import UNIMPLEMENTED_KEYS, did_you_mean, unimplemented
 from .yaml_limits import load_yaml
 
 Scalar = Union[bool, int, float, str]
@@ -43,7 +44,7 @@ class ModelEntry(BaseModel):
 
 
 class SliceSource(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True)  # mergekit ignores unknown keys: see unsupported.ignored_keys
     model: str
     layer_range: tuple[int, int]
     parameters: Optional[dict[str, ParamValue]] = None
@@ -57,7 +58,7 @@ class SliceSource(BaseModel):
 
 
 class OutputSlice(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True)
     sources: list[SliceSource]
     base_model: Optional[str] = None
     residual_weight: Optional[float] = None
@@ -80,9 +81,13 @@ DTYPE_NAMES = {
 
 
 class MergeConfig(BaseModel):
-    """A merge as written in YAML, validated; model paths are resolved relative to the config file."""
+    """A merge as written in YAML, validated; model paths are resolved relative to the config file.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Unknown keys are kept (mergekit 0.1.5's pydantic models ignore them at every level, so a config it
+    runs must run here too) and `unsupported.ignored_keys` names them as warnings; a key mergekit acts on
+    that streammerge does not implement is an error (`unsupported.unimplemented`), never ignored."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
     merge_method: str
     models: Optional[list[ModelEntry]] = None
     slices: Optional[list[OutputSlice]] = None
@@ -142,7 +147,7 @@ def _loc(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def _format_validation(err: ValidationError, source: str) -> str:
+def _format_validation(err: ValidationError, source: str, doc: dict) -> str:
     lines = []
     for e in err.errors():
         key = _loc(tuple(p for p in e["loc"] if not str(p).startswith("function-")))
@@ -155,6 +160,9 @@ def _format_validation(err: ValidationError, source: str) -> str:
         elif e["type"] == "missing":
             msg = "required key is missing"
         lines.append(f"  {clip(key, 120)}: {clip(msg, 300)}")
+    lines += [f"  {clip(str(key), 120)}: unknown key (ignored){did_you_mean(str(key), list(MergeConfig.model_fields))}"
+              for key in doc if key not in MergeConfig.model_fields and key not in UNIMPLEMENTED_KEYS]
+    lines += [f"  {key}: {why}" for key, why in UNIMPLEMENTED_KEYS.items() if key in doc]
     return f"{source}: invalid merge config:\n" + _listed(lines)
 
 
@@ -186,8 +194,9 @@ def parse_config(doc: Any, source: str = "config") -> MergeConfig:
     try:
         config = MergeConfig.model_validate(doc)
     except ValidationError as e:
-        raise ConfigError(_format_validation(e, source)) from None
+        raise ConfigError(_format_validation(e, source, doc)) from None
     bad = [f"  {clip(where, 120)}: {value} is not a finite number; give a finite value" for where, value in _non_finite(config)]
+    bad += [f"  {clip(where, 120)}: {clip(msg, 300)}" for where, msg in unimplemented(config)]
     if bad:
         raise ConfigError(f"{source}: invalid merge config:\n" + _listed(bad))
     return config

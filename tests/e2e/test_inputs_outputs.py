@@ -67,10 +67,10 @@ def test_tokenizer_source_and_chat_template(tiny_family, tmp_path):
     (donor / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
     experts = [experts[0], donor, experts[2]]
     cfg = config_for("task_arithmetic", base, experts) | {"tokenizer_source": str(donor),
-                                                           "chat_template": "{{ messages }}"}
+                                                           "chat_template": "{{ messages | length }} messages"}
     out = merge(cfg, tmp_path)
     tok = json.loads((out / "tokenizer_config.json").read_text())
-    assert tok["model_max_length"] == 77 and tok["chat_template"] == "{{ messages }}"
+    assert tok["model_max_length"] == 77 and tok["chat_template"] == "{{ messages | length }} messages"
     assert (out / "generation_config.json").exists()
 
 
