@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Callable
 
 from .config import MergeConfig, load_config_text, read_config_text
 from .errors import CheckpointError, OutputError, ResumeError
-from .io import checkpoint, outdir
+from .io import card, checkpoint, outdir
+from .io.chat_templates import resolve_chat_template
 from .io.checksum import file_digest
 from .io.header import FileStamp
 from .io.outdir import MANIFEST_DIR, check_report_path  # noqa: F401  (check_report_path: public, for the CLI)
@@ -249,9 +250,13 @@ def _finish_folder(out: Path, plan: Plan, config: MergeConfig, config_text: str,
     """The files around the shards, from the config text the run planned from (never re-read); the
     folder is fsynced before the index goes in, and after, so a power loss keeps the commit order."""
     if options.copy_tokenizer and plan.tokenizer_model is not None:
-        checkpoint.copy_tokenizer(Path(plan.models[plan.tokenizer_model]), out, config.chat_template)
+        template = resolve_chat_template(config.chat_template, [Path(m) for m in plan.models])
+        checkpoint.copy_tokenizer(Path(plan.models[plan.tokenizer_model]), out, template)
+    card.write_config_copy(out, config_text)
     if options.write_model_card:
-        checkpoint.write_model_card(out, config_text, plan.method, [str(m) for m in plan.models])
+        inputs = [card.describe_input(ref, path) for ref, path in zip(config.referenced_models(), plan.models)]
+        card.write_model_card(out, config_text, plan.method, inputs, config.base_model,
+                              config.model_dump(mode="json", exclude_none=True))
     if plan.out_config is not None:
         checkpoint.write_config(out, plan.out_config)
     if options.fsync:

@@ -84,10 +84,16 @@ class RunReport:
     def write_json(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
-    def print(self, console) -> None:
+    def print(self, console, diagnostics=None) -> None:
+        """The table and totals on `console`; warnings and NaN reports on `diagnostics` (default: the same)."""
         from rich.table import Table
 
-        table = Table(title=f"streammerge {self.method}: {self.out_dir}")
+        diagnostics = diagnostics or console
+        from rich.markup import escape
+
+        # the heading on a line of its own: a table title wraps at the table's width, cutting the path
+        console.print(f"streammerge {self.method}: {escape(self.out_dir)}", highlight=False, soft_wrap=True)
+        table = Table()
         for col in ("shard", "read", "written", "seconds", "GB/s"):
             table.add_column(col, justify="right" if col != "shard" else "left")
         for s in self.shards:
@@ -100,12 +106,11 @@ class RunReport:
                       f"peak RSS {self.peak_rss / 2**30:.2f} GiB (budget {self.budget / 2**30:.2f} GiB)")
         if self.kernels:
             console.print("kernels: " + "; ".join(f"{p} {', '.join(v)}" for p, v in self.kernels.items()))
-        from rich.markup import escape
 
         for w in self.warnings:
-            console.print(f"[yellow]warning:[/yellow] {escape(w)}", soft_wrap=True)
+            diagnostics.print(f"[yellow]warning:[/yellow] {escape(w)}", soft_wrap=True)
         if self.nonfinite_tensors:
-            console.print(f"[red]NaN or Inf in the output of {len(self.nonfinite_tensors)} tensor(s):[/red] "
+            diagnostics.print(f"[red]NaN or Inf in the output of {len(self.nonfinite_tensors)} tensor(s):[/red] "
                           + escape(", ".join(self.nonfinite_tensors[:10])), soft_wrap=True)
 
 

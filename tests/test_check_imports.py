@@ -25,7 +25,7 @@ def _check_in_fresh_process(*configs) -> str:
     r = subprocess.run([sys.executable, "-c", _SCRIPT, *map(str, configs)], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
+    return r.stdout.strip().splitlines()[-1]  # (the plans are printed on stdout before it)
 
 
 def _configs(base, experts) -> dict[str, dict]:

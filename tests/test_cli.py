@@ -17,8 +17,8 @@ def test_run_mergekit_style_and_report(tiny_family, tmp_path, capsys):
     doc = json.loads(report.read_text())
     assert doc["method"] == "linear" and doc["shards"][0]["bytes_written"] > 0 and doc["peak_rss"] > 0
     assert load_dir(tmp_path / "out")
-    err = capsys.readouterr().err
-    assert "peak RSS" in err and "GB/s" in err
+    out = capsys.readouterr().out  # results on stdout, diagnostics on stderr
+    assert "peak RSS" in out and "GB/s" in out
 
 
 def test_existing_output_is_refused_without_overwrite(tiny_family, tmp_path, capsys):
@@ -38,7 +38,7 @@ def test_check_exit_codes(tiny_family, tmp_path, capsys):
     base, experts = tiny_family
     good = write_yaml(tmp_path / "g.yml", config_for("linear", base, experts))
     assert main(["check", str(good)]) == 0
-    assert "ok" in capsys.readouterr().err
+    assert "ok" in capsys.readouterr().out
     bad = write_yaml(tmp_path / "b.yml", {"merge_method": "lineer", "models": [{"model": str(base)}]})
     assert main(["check", str(bad)]) == 1
     assert "did you mean 'linear'" in capsys.readouterr().err

@@ -59,7 +59,7 @@ def _run(args: argparse.Namespace, console) -> int:
         console = Console(stderr=True, quiet=True)
     extra = {"progress": False} if args.quiet else {}
     report = run_with_progress(args.config, args.out, options_from_args(args, **extra), console)
-    report.print(console)
+    report.print(console if args.quiet else results_console(), console)
     if args.report:
         report.write_json(Path(args.report))
     return EXIT_OK
@@ -70,8 +70,21 @@ def _check(args: argparse.Namespace, console) -> int:
     from ..plan.explain import print_plan
 
     plan = check(args.config, options_from_args(args))
-    print_plan(plan, console)
+    print_plan(plan, results_console(), console)
     return EXIT_OK
+
+
+PIPE_WIDTH = 10_000  # piped results are not cut to rich's default of 80 columns: a table keeps its rows whole
+
+
+def results_console():
+    """Results (the plan, the run's table) go to stdout, at the terminal's width, or at full width when
+    piped (`check c.yml > plan.txt`); errors, warnings and progress stay on the stderr console."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else PIPE_WIDTH)
 
 
 def _demo(args: argparse.Namespace, console) -> int:

@@ -1,7 +1,8 @@
-"""The files around the weights: index, config.json, tokenizer and generation files, model card."""
+"""The files around the weights: index, config.json, tokenizer and generation files, chat template."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
 GENERATION_FILES = ("generation_config.json",)
+_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
 def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
@@ -22,57 +24,37 @@ def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> N
 
 
 def copy_tokenizer(src: Path, out_dir: Path, chat_template: str | None = None) -> list[str]:
-    """Copy tokenizer and generation files; never reads or runs code from the model folder."""
+    """Copy tokenizer and generation files; never reads or runs code from the model folder.
+
+    `chat_template` (the template's text, resolved by `chat_templates`) replaces the source's: it is
+    written to `chat_template.jinja`, which transformers reads first, and to tokenizer_config.json's
+    `chat_template`, which older versions read; the source's own template files are not copied, so no
+    loader finds a second, different template."""
     copied = []
     for name in TOKENIZER_FILES + GENERATION_FILES:
+        if chat_template is not None and name in _TEMPLATE_FILES:
+            continue
         f = src / name
         if f.is_file() and not f.is_symlink() or (f.is_symlink() and f.resolve().is_file()):
             tmp = out_dir / (name + ".partial")
             shutil.copyfile(f, tmp)
             tmp.replace(out_dir / name)
             copied.append(name)
-    if chat_template:
+    if chat_template is not None:
         _set_chat_template(out_dir, chat_template)
     return copied
 
 
 def _set_chat_template(out_dir: Path, template: str) -> None:
-    import json
-
     cfg_path = out_dir / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
     cfg["chat_template"] = template
+    write_text_atomic(out_dir / "chat_template.jinja", template)
     write_json_atomic(cfg_path, cfg)
 
 
 def write_config(out_dir: Path, config: dict) -> None:
     write_json_atomic(out_dir / "config.json", config)
-
-
-def write_model_card(out_dir: Path, config_yaml: str, method: str, models: list[str]) -> None:
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags:",
-        "- merge",
-        "- streammerge",
-        "---",
-        "# Merged model",
-        "",
-        f"This model was merged with [streammerge](https://pypi.org/project/streammerge/) using the `{method}` method.",
-        "",
-        "## Models merged",
-        "",
-        *[f"* {m}" for m in models],
-        "",
-        "## Configuration",
-        "",
-        "```yaml",
-        config_yaml.rstrip(),
-        "```",
-        "",
-    ]
-    write_text_atomic(out_dir / "README.md", "\n".join(lines))
 
 
 def dump_yaml(doc: dict) -> str:

@@ -14,12 +14,15 @@ def _fmt(n: float) -> str:
     return f"{int(n)} B"
 
 
-def print_plan(plan: Plan, console) -> None:
+def print_plan(plan: Plan, console, diagnostics=None) -> None:
+    """The plan on `console` (stdout: `check > plan.txt` holds it); its warnings on `diagnostics` (stderr)."""
+    from rich.markup import escape
     from rich.table import Table
 
+    diagnostics = diagnostics or console
     console.print(f"[bold]method[/bold] {plan.method}; {len(plan.models)} model(s):")
     for i, m in enumerate(plan.models):
-        console.print(f"  [{i}] {m}")
+        console.print(f"  \\[{i}] {escape(str(m))}", highlight=False, soft_wrap=True)
     multi = sum(1 for t in plan.tensors if not t.read_once and t.passes > 1)
     shapes = Counter((*t.reduces, "map") for t in plan.tensors)
     passes = "; ".join(f"{' > '.join(p)}" + (f" x{n}" if len(shapes) > 1 else "") for p, n in shapes.items())
@@ -48,5 +51,5 @@ def print_plan(plan: Plan, console) -> None:
             console.print("[bold]device memory[/bold] budget not checked here: a CUDA run takes 80% of the GPU's memory "
                           "unless --max-gpu-memory is given")
     for w in plan.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}")
+        diagnostics.print(f"[yellow]warning:[/yellow] {escape(w)}", soft_wrap=True)
     console.print("[green]ok[/green]: the config and the checkpoints' headers are consistent.")

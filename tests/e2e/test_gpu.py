@@ -118,7 +118,7 @@ def test_too_small_device_budget_names_the_tensor(tiny_family, tmp_path):
 def test_cli_parses_max_gpu_memory(tiny_family, tmp_path, capsys):
     cfg = str(write_yaml(tmp_path / "t.yml", _family("ties", *tiny_family)))
     assert main(["check", cfg, "--device", "cuda", "--max-memory", "2GiB", "--max-gpu-memory", "1.5GiB"]) == 0
-    assert "device memory budget 1.50 GiB" in capsys.readouterr().err
+    assert "device memory budget 1.50 GiB" in capsys.readouterr().out
     assert main(["check", cfg, "--cuda", "--max-gpu-memory", "1MiB"]) == 1
     assert "raise --max-gpu-memory" in capsys.readouterr().err
     assert main(["check", cfg, "--cuda", "--max-gpu-memory", "lots"]) == 2  # a bad flag value: a usage error

@@ -179,7 +179,8 @@ def test_overwrite_accepts_a_mergekit_output(tiny_family, tmp_path):
     (out / "model-00001-of-00002.safetensors").write_bytes(b"old")
     (out / "keep.txt").write_text("keep")
     run(cfg, out, _opts(overwrite=True))
-    assert not (out / "mergekit_config.yml").exists() and not (out / "model-00001-of-00002.safetensors").exists()
+    assert not (out / "model-00001-of-00002.safetensors").exists()
+    assert (out / "mergekit_config.yml").read_text() == cfg.read_text()  # mergekit's file, replaced by this run's
     assert (out / "keep.txt").read_text() == "keep" and load_dir(out)
 
 
