@@ -128,3 +128,76 @@ def test_mergekit_refuses_and_crops_the_same(vocab_pair, tmp_path):
     # the tensors written (docs/compatibility.md)
     assert json.loads((tmp_path / "mk" / "config.json").read_text())["vocab_size"] in (256, 300)
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["vocab_size"] == 256
+
+
+# -- tokenizer_source: taken only where mergekit's mapping by token would change nothing ----------------------
+
+def _tokenizer_json(d: Path, tokens: list[str]) -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    # BPE: the only kind mergekit 0.1.5's tokenizer code takes
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[],
+                                                     unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    (d / "tokenizer.json").write_text(tok.to_str())
+
+
+@pytest.fixture(scope="module")
+def full_vocab(tmp_path_factory, tiny_family) -> tuple[Path, list[Path]]:
+    """Copies of the tiny family whose tokenizers number exactly the embeddings' 256 rows."""
+    import shutil
+
+    base, experts = tiny_family
+    root = tmp_path_factory.mktemp("fullvocab")
+    out = []
+    for m in (base, *experts[:2]):
+        shutil.copytree(m, root / m.name)
+        _tokenizer_json(root / m.name, ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(253)])
+        out.append(root / m.name)
+    return out[0], out[1:]
+
+
+def _ta(base: Path, experts: list[Path], **extra) -> dict:
+    return {"merge_method": "task_arithmetic", "base_model": str(base), **extra,
+            "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(experts, (0.6, 0.3))]}
+
+
+def test_tokenizer_source_with_fewer_tokens_than_rows_is_refused(tiny_family, tmp_path):
+    base, experts = tiny_family  # the synthetic tokenizer has 19 tokens for 256 rows
+    cfg = write_yaml(tmp_path / "c.yml", _ta(base, experts[:2], tokenizer_source="base"))
+    with pytest.raises(ConfigError) as e:
+        check(cfg, RunOptions(max_memory=2 << 30))
+    assert f"{base}'s tokenizer has 19 tokens for 256 embedding rows, so mergekit's output would have 19 rows" in str(e.value)
+    assert "remove tokenizer_source" in str(e.value)
+
+
+def test_tokenizer_source_with_differently_numbered_tokens_is_refused(full_vocab, tmp_path):
+    import shutil
+
+    base, experts = full_vocab
+    other = tmp_path / "other"
+    shutil.copytree(experts[1], other)
+    _tokenizer_json(other, ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in reversed(range(253))])
+    cfg = write_yaml(tmp_path / "c.yml", _ta(base, [experts[0], other], tokenizer={"source": "base"}))
+    with pytest.raises(ConfigError, match="number their tokens differently"):
+        check(cfg, RunOptions(max_memory=2 << 30))
+
+
+def test_tokenizer_source_of_identical_full_tokenizers_is_mergekits(full_vocab, tmp_path):
+    """Where the mapping changes nothing, streammerge runs tokenizer_source and matches mergekit bit for
+    bit; with the 19-token tokenizers mergekit writes 19 rows, which is why that case is refused."""
+    base, experts = full_vocab
+    doc = _ta(base, experts, tokenizer_source=str(experts[1]))
+    run(write_yaml(tmp_path / "c.yml", doc), tmp_path / "ours", RunOptions(max_memory=2 << 30, progress=False))
+    assert (tmp_path / "ours" / "tokenizer.json").read_text() == (experts[1] / "tokenizer.json").read_text()
+    from e2e.parity import mergekit_or_skip
+
+    mergekit_or_skip()
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(yaml.safe_dump(doc))), str(tmp_path / "mk"),
+              MergeOptions(lazy_unpickle=True, quiet=True, write_model_card=False))
+    theirs, ours = load_file(tmp_path / "mk" / "model.safetensors"), load_file(tmp_path / "ours" / "model.safetensors")
+    assert set(theirs) == set(ours) and all(torch.equal(theirs[k], ours[k]) for k in theirs)

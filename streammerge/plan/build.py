@@ -31,7 +31,7 @@ from .inputs import check_same_depth, config_source, embedding_rows, open_inputs
 from .ir import Plan, Source, TensorPlan
 from .params import converter
 from .shards import assign_shards, shard_plans, with_layout
-from .vocab import cropped_vocabulary
+from .vocab import check_tokenizer_source, cropped_vocabulary
 
 TORCH_NAME = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 CODE_OF_NAME = {v: k for k, v in TORCH_NAME.items()}
@@ -366,10 +366,10 @@ class Planner:
 
     def _tokenizer_model(self, model_index: dict[str, int], ref_name: str) -> int | None:
         src = self.config.tokenizer_source or (self.config.tokenizer.source if self.config.tokenizer else None)
-        if src in (None, "base"):  # ('union' is refused by the config's own checks)
-            return model_index[ref_name]
-        if src in model_index:
-            return model_index[src]
+        if src is None or src == "base" or src in model_index:  # ('union' is refused by the config's own checks)
+            if src is not None:
+                check_tokenizer_source(self.models, self.archs)
+            return model_index[ref_name if src in (None, "base") else src]
         raise ConfigError(f"tokenizer_source: {src!r} is not one of the models in this merge; use 'base' or a model path "
                           "that appears under models/slices")
 

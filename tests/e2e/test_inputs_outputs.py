@@ -60,12 +60,22 @@ def test_resume_refuses_a_different_config(tiny_family, tmp_path):
         run(write_yaml(tmp_path / "d.yml", other), out, RunOptions(max_memory=2 << 30, progress=False, resume=True))
 
 
+def _with_full_tokenizer(src, dst):
+    """A copy whose tokenizer.json numbers as many tokens as the embedding has rows (256): the case where
+    tokenizer_source changes nothing in mergekit either (tests/test_vocab.py has the others)."""
+    shutil.copytree(src, dst)
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(253)])}
+    (dst / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab, "merges": []},
+                                                    "added_tokens": []}))
+    return dst
+
+
 def test_tokenizer_source_and_chat_template(tiny_family, tmp_path):
     base, experts = tiny_family
-    donor = tmp_path / "donor"
-    shutil.copytree(experts[1], donor)  # the session's fixture models stay untouched
+    base = _with_full_tokenizer(base, tmp_path / "base")  # the session's fixture models stay untouched
+    experts = [_with_full_tokenizer(e, tmp_path / e.name) for e in experts]
+    donor = experts[1]
     (donor / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
-    experts = [experts[0], donor, experts[2]]
     cfg = config_for("task_arithmetic", base, experts) | {"tokenizer_source": str(donor),
                                                            "chat_template": "{{ messages | length }} messages"}
     out = merge(cfg, tmp_path)
