@@ -249,7 +249,9 @@ def _run_locked(plan: Plan, config: MergeConfig, text: str, out: Path, fingerpri
 def _finish_folder(out: Path, plan: Plan, config: MergeConfig, config_text: str, options: RunOptions) -> None:
     """The files around the shards, from the config text the run planned from (never re-read); the
     folder is fsynced before the index goes in, and after, so a power loss keeps the commit order."""
-    if options.copy_tokenizer and plan.tokenizer_model is not None:
+    # mergekit saves the tokenizer a tokenizer_source builds even with --no-copy-tokenizer
+    builds_tokenizer = config.tokenizer_source is not None or config.tokenizer is not None
+    if (options.copy_tokenizer or builds_tokenizer) and plan.tokenizer_model is not None:
         template = resolve_chat_template(config.chat_template, [Path(m) for m in plan.models])
         checkpoint.copy_tokenizer(Path(plan.models[plan.tokenizer_model]), out, template)
     card.write_config_copy(out, config_text)

@@ -66,3 +66,13 @@ def ignored_keys(config: Any) -> list[str]:
                 hint = did_you_mean(str(key), list(type(level).model_fields))
                 out.append(f"{clip(prefix + str(key), 120)}: unknown key, ignored as mergekit 0.1.5 ignores it{hint}")
     return out
+
+
+def config_warnings(config: Any, copy_tokenizer: bool) -> list[str]:
+    """What a run ignores in this config, as mergekit would: unknown keys, and a chat template with no
+    tokenizer to hold it."""
+    out = ignored_keys(config)
+    if config.chat_template and not copy_tokenizer and config.tokenizer_source is None and config.tokenizer is None:
+        out.append("chat_template: --no-copy-tokenizer writes no tokenizer, so the chat template is not saved "
+                   "(as in mergekit)")
+    return out

@@ -158,3 +158,14 @@ def test_merged_folder_renders_like_mergekits(tiny_family, tmp_path, setting):
             assert _render(ours, None, messages, prompt) == _render(theirs, None, messages, prompt)
     if setting == "auto":
         assert "<|start_header_id|>" in _render(ours, None, CONVERSATIONS[0], False)
+
+
+def test_no_copy_tokenizer_says_the_template_is_not_saved(tiny_family, tmp_path):
+    from streammerge import check
+
+    base, experts = tiny_family
+    cfg = write_yaml(tmp_path / "c.yml", {"merge_method": "linear", "chat_template": "chatml", "models": [
+        {"model": str(m), "parameters": {"weight": 0.5}} for m in experts[:2]]})
+    warning = "chat_template: --no-copy-tokenizer writes no tokenizer, so the chat template is not saved (as in mergekit)"
+    assert warning in check(cfg, RunOptions(max_memory=2 << 30, copy_tokenizer=False)).warnings
+    assert warning not in check(cfg, RunOptions(max_memory=2 << 30)).warnings

@@ -201,3 +201,14 @@ def test_tokenizer_source_of_identical_full_tokenizers_is_mergekits(full_vocab, 
               MergeOptions(lazy_unpickle=True, quiet=True, write_model_card=False))
     theirs, ours = load_file(tmp_path / "mk" / "model.safetensors"), load_file(tmp_path / "ours" / "model.safetensors")
     assert set(theirs) == set(ours) and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+
+
+def test_tokenizer_source_writes_the_tokenizer_even_with_no_copy_tokenizer(full_vocab, tmp_path):
+    """As mergekit saves the tokenizer it builds for tokenizer_source whatever --no-copy-tokenizer says."""
+    base, experts = full_vocab
+    cfg = write_yaml(tmp_path / "c.yml", _ta(base, experts, tokenizer_source="base"))
+    run(cfg, tmp_path / "o", RunOptions(max_memory=2 << 30, progress=False, copy_tokenizer=False))
+    assert (tmp_path / "o" / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
+    run(write_yaml(tmp_path / "d.yml", _ta(base, experts)), tmp_path / "p",
+        RunOptions(max_memory=2 << 30, progress=False, copy_tokenizer=False))
+    assert not (tmp_path / "p" / "tokenizer.json").exists()

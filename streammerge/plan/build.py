@@ -24,7 +24,7 @@ from ..io.reader import ModelFiles
 from ..methods import MethodSpec, TensorJob, get_method
 from ..methods.registry import REQUIRED, Param
 from ..options import RunOptions
-from ..unsupported import ignored_keys
+from ..unsupported import config_warnings
 from . import budget as budget_mod
 from . import rules
 from .inputs import check_same_depth, config_source, embedding_rows, open_inputs, out_config
@@ -53,7 +53,7 @@ class Planner:
         self.model_refs: list[str] = config.referenced_models()
         self.models: dict[str, ModelFiles] = {}
         self.archs: dict[str, Arch] = {}
-        self.warnings: list[str] = ignored_keys(config)
+        self.warnings: list[str] = config_warnings(config, options.copy_tokenizer)
         self.problems: list[StreammergeError] = []
         self._problem_kinds: dict[str, int] = {}
 
