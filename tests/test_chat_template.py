@@ -169,3 +169,16 @@ def test_no_copy_tokenizer_says_the_template_is_not_saved(tiny_family, tmp_path)
     warning = "chat_template: --no-copy-tokenizer writes no tokenizer, so the chat template is not saved (as in mergekit)"
     assert warning in check(cfg, RunOptions(max_memory=2 << 30, copy_tokenizer=False)).warnings
     assert warning not in check(cfg, RunOptions(max_memory=2 << 30)).warnings
+
+
+def test_unreadable_tokenizer_files_count_as_no_template(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "tokenizer_config.json")  # reading it would block forever
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "tokenizer_config.json").write_bytes(b"\xff\xfe not json")
+    listed = _model_with_template(tmp_path, "listed", [{"name": "tool_use", "template": "{{ x }}"}])
+    assert [model_chat_template(d) for d in (fifo, bad, listed)] == [None, None, None]

@@ -212,3 +212,17 @@ def test_tokenizer_source_writes_the_tokenizer_even_with_no_copy_tokenizer(full_
     run(write_yaml(tmp_path / "d.yml", _ta(base, experts)), tmp_path / "p",
         RunOptions(max_memory=2 << 30, progress=False, copy_tokenizer=False))
     assert not (tmp_path / "p" / "tokenizer.json").exists()
+
+
+def test_tokenizer_vocab_reads_every_kind_and_the_added_tokens(tmp_path):
+    from streammerge.plan.vocab import special_tokens, tokenizer_vocab
+
+    f = tmp_path / "tokenizer.json"
+    f.write_text(json.dumps({"model": {"type": "Unigram", "vocab": [["<unk>", 0.0], ["a", -1.0]]},
+                             "added_tokens": [{"id": 2, "content": "<|im_end|>"}]}))
+    assert tokenizer_vocab(f) == {"<unk>": 0, "a": 1, "<|im_end|>": 2}
+    f.write_text("[1, 2]")
+    assert tokenizer_vocab(f) is None and tokenizer_vocab(tmp_path / "missing.json") is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<s>"}, "eos_token": "</s>",
+                                                                "added_tokens_decoder": {"5": {"content": "<x>"}}}))
+    assert special_tokens(tmp_path) == {"<s>", "</s>", "<x>"}

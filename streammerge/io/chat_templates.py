@@ -22,6 +22,7 @@ from ..errors import ConfigError, clip
 
 AUTO = "auto"
 _NAME_LIMIT = 256
+_MAX_FILE_BYTES = 64 << 20
 
 
 def template_names() -> list[str]:
@@ -64,14 +65,21 @@ def model_chat_template(model_dir: Path) -> str | None:
     first, then `tokenizer_config.json`'s `chat_template` (a string, or a list of named templates whose
     `default` is taken). A file that cannot be read counts as no template (mergekit skips such a model)."""
     try:
-        jinja = model_dir / "chat_template.jinja"
-        if jinja.is_file():
+        jinja, config = model_dir / "chat_template.jinja", model_dir / "tokenizer_config.json"
+        if _readable(jinja):
             text = jinja.read_text(encoding="utf-8")
+        elif not _readable(config):
+            return None
         else:
-            cfg = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+            cfg = json.loads(config.read_text(encoding="utf-8"))
             text = cfg.get("chat_template") if isinstance(cfg, dict) else None
             if isinstance(text, list):
                 text = next((t.get("template") for t in text if isinstance(t, dict) and t.get("name") == "default"), None)
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return text.strip() if isinstance(text, str) and text.strip() else None
+
+
+def _readable(f: Path) -> bool:
+    """A regular file of sane size: a FIFO would block the read, a huge file is no tokenizer's."""
+    return f.is_file() and f.stat().st_size <= _MAX_FILE_BYTES

@@ -59,7 +59,9 @@ def check_tokenizer_source(models: dict[str, ModelFiles], archs: dict[str, Arch]
         elif missing := special_tokens(mf.path) - set(vocab):
             problem = (f"{clip(str(mf.path), 120)} names special tokens its tokenizer.json lacks "
                        f"({clip(', '.join(sorted(missing)), 120)}), which transformers would add")
-        elif sorted(vocab.values()) != list(range(len(vocab))) or len(vocab) != rows:
+        elif sorted(vocab.values()) != list(range(len(vocab))):
+            problem = f"{clip(str(mf.path), 120)}'s tokenizer.json leaves gaps in its token ids"
+        elif len(vocab) != rows:
             problem = (f"{clip(str(mf.path), 120)}'s tokenizer has {len(vocab)} tokens for {rows} embedding rows, so "
                        f"mergekit's output would have {len(vocab)} rows")
         elif first is not None and vocab != first[1]:
@@ -98,7 +100,10 @@ def special_tokens(model_dir: Path) -> set[str]:
     found: set[str] = set()
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         try:
-            doc = json.loads((model_dir / name).read_text(encoding="utf-8"))
+            f = model_dir / name
+            if not f.is_file() or f.stat().st_size > _MAX_TOKENIZER_BYTES:  # (a FIFO would block the read)
+                continue
+            doc = json.loads(f.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError):
             continue
         if not isinstance(doc, dict):
