@@ -51,7 +51,8 @@ def print_plan(plan: Plan, console, diagnostics=None) -> None:
             console.print("[bold]device memory[/bold] budget not checked here: a CUDA run takes 80% of the GPU's memory "
                           "unless --max-gpu-memory is given")
     if plan.tokenizer_model is not None:
-        console.print(f"[bold]tokenizer[/bold] and generation files from \\[{plan.tokenizer_model}] (unless --no-copy-tokenizer)", highlight=False)
+        console.print(f"[bold]tokenizer[/bold] and generation files from \\[{plan.tokenizer_model}] "
+                      "(unless --no-copy-tokenizer)", highlight=False)
     for w in plan.warnings:
         diagnostics.print(f"[yellow]warning:[/yellow] {escape(w)}", soft_wrap=True)
     console.print("[green]ok[/green]: the config and the checkpoints' headers are consistent.")
