@@ -161,7 +161,7 @@ def test_merged_folder_renders_like_mergekits(tiny_family, tmp_path, setting):
 
 
 def test_no_copy_tokenizer_says_the_template_is_not_saved(tiny_family, tmp_path):
-    from streammerge import check
+    from streammerge.merge import check
 
     base, experts = tiny_family
     cfg = write_yaml(tmp_path / "c.yml", {"merge_method": "linear", "chat_template": "chatml", "models": [

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from conftest import write_yaml
-from streammerge import RunOptions, check, run
+from streammerge import RunOptions, run
+from streammerge.merge import check
 from streammerge.cli import main
 from streammerge.config import parse_config
 from streammerge.errors import ConfigError

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_yaml
-from streammerge import RunOptions, check, run
+from streammerge import RunOptions, run
+from streammerge.merge import check
 from streammerge.cli import main
 from streammerge.errors import ConfigError
 from streammerge.io.reader import RowReader
