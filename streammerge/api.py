@@ -44,7 +44,8 @@ class CheckResult:
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        """What the plan does differently from what a reader might expect (unknown keys ignored, vocabularies cropped by unsafe_truncate_embeddings, ...)."""
+        """What the plan does differently from what a reader might expect (unknown keys ignored,
+        vocabularies cropped by unsafe_truncate_embeddings, ...)."""
         return self.plan.warnings if self.plan is not None else ()
 
     def raise_problems(self) -> Plan:
