@@ -57,14 +57,16 @@ def write_config_copy(out_dir: Path, config_text: str) -> None:
 def write_model_card(out_dir: Path, config_text: str, method: str, inputs: list[Input], base: str | None,
                      config: dict[str, Any]) -> None:
     """README.md: front matter (base_model, tags), the method, each input with repo and revision or its
-    path, the parameters set, and the config as run. `config` is the parsed config (plain values)."""
+    path, the parameters set, and the config as run. `config` is the parsed config (plain values). The
+    heading is the config's `name`, not the folder's (mergekit's): the same merge gives the same bytes
+    wherever it is written, which resume and the crash tests rely on."""
     hub = list(dict.fromkeys(i.repo for i in inputs if i.repo))
     meta: dict[str, Any] = {}
     if hub:
         meta["base_model"] = hub
         meta["base_model_relation"] = "merge"
     meta |= {"library_name": "transformers", "tags": ["merge", "mergekit", "streammerge"]}
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", f"# {out_dir.name}", "",
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", f"# {clip(str(config.get('name') or 'Merged model'), 120)}", "",
              f"This model is a merge of pre-trained language models made with [streammerge]({HOMEPAGE}), which "
              "runs mergekit's YAML configs out of core.", "",
              "## Method", "",
