@@ -81,7 +81,7 @@ FLOOR = re.compile(r"raise --max-memory to at least (\d+)MiB")
 
 
 def _cli(*argv: str, env: dict | None = None) -> tuple[int, str, int]:
-    """`streammerge ARGV` in a fresh interpreter: exit code, stderr, peak RSS (VmHWM) in bytes."""
+    """`streammerge ARGV` in a fresh interpreter: exit code, stdout + stderr, peak RSS (VmHWM) in bytes."""
     code = textwrap.dedent("""
         import sys
         from streammerge.cli import main
@@ -95,7 +95,7 @@ def _cli(*argv: str, env: dict | None = None) -> tuple[int, str, int]:
     r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=600,
                        env={**os.environ, **(env or {})})
     hwm = int(r.stdout.split("HWM")[-1]) if "HWM" in r.stdout else 0
-    return r.returncode, r.stderr, hwm
+    return r.returncode, r.stdout.rsplit("HWM", 1)[0] + r.stderr, hwm
 
 
 def _floor_of(cfg, *extra: str) -> int:
