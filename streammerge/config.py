@@ -14,11 +14,12 @@ import difflib
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, clip
+from .hub.refs import normalize_model_field
 from .unsupported import UNIMPLEMENTED_KEYS, did_you_mean, unimplemented
 from .yaml_limits import load_yaml
 
@@ -36,16 +37,19 @@ class Condition(BaseModel):
 
 ParamValue = Any  # scalar | list[number] (gradient) | list[Condition] | Condition
 
+# a path, `org/name[@revision]`, or mergekit's mapping form ({model: {path, revision}}) as that string
+ModelRef = Annotated[str, BeforeValidator(normalize_model_field)]
+
 
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    model: str
+    model: ModelRef
     parameters: Optional[dict[str, ParamValue]] = None
 
 
 class SliceSource(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)  # mergekit ignores unknown keys: see unsupported.ignored_keys
-    model: str
+    model: ModelRef
     layer_range: tuple[int, int]
     parameters: Optional[dict[str, ParamValue]] = None
 
@@ -60,7 +64,7 @@ class SliceSource(BaseModel):
 class OutputSlice(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
     sources: list[SliceSource]
-    base_model: Optional[str] = None
+    base_model: Optional[ModelRef] = None
     residual_weight: Optional[float] = None
     parameters: Optional[dict[str, ParamValue]] = None
 
@@ -91,11 +95,11 @@ class MergeConfig(BaseModel):
     merge_method: str
     models: Optional[list[ModelEntry]] = None
     slices: Optional[list[OutputSlice]] = None
-    base_model: Optional[str] = None
+    base_model: Optional[ModelRef] = None
     parameters: Optional[dict[str, ParamValue]] = None
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
-    tokenizer_source: Optional[str] = None
+    tokenizer_source: Optional[ModelRef] = None
     tokenizer: Optional[TokenizerSpec] = None
     chat_template: Optional[str] = None
     name: Optional[str] = None

@@ -46,3 +46,7 @@ class ProblemsError(StreammergeError):
         self.problems = problems
         lines = "\n".join(f"  {i}. {str(p).replace(chr(10), chr(10) + '     ')}" for i, p in enumerate(problems, 1))
         super().__init__(f"{len(problems)} problems found:\n{lines}")
+
+
+class HubError(CheckpointError):
+    """A hub repository cannot be reached, read or downloaded; the message never holds a token."""

@@ -198,6 +198,12 @@ def run(config_path: str | os.PathLike | None, out: str | os.PathLike, options: 
     text = read_config_text(config_path) if config_text is None else config_text
     config = load_config_text(text, _source(config_path))
     plan = build_plan(config, config_path, options)
+    if plan.downloads:  # hub shards the merge reads: into the cache, then planned again from the files
+        from .hub.fetch import fetch_downloads
+
+        outdir.check_folder(Path(out), options.overwrite, options.resume)  # before, not after, the download
+        fetch_downloads(plan.downloads, options.download, options.progress)
+        plan = build_plan(config, config_path, options)
     device = _resolve_device(options.device)
     out = Path(out)
     fingerprint = plan_fingerprint(plan, config)

@@ -239,6 +239,9 @@ class RunOptions:
     overwrite: bool = _option(False, Flag("--overwrite", "replace an existing output folder", commands=("run",)))
     resume: bool = _option(False, Flag("--resume", "continue an interrupted merge into OUT", commands=("run",)))
     progress: bool = _option(True, Flag("--no-progress", "no progress bar", commands=("run",), sets=False))
+    download: bool = _option(True, Flag(  # hub models: fetch the files the plan reads into the hub cache
+        "--no-download", "download nothing from the hub: every file the merge reads must be in the hub cache",
+        commands=("run",), sets=False))
     fsync: bool = _option(True, Flag(  # durable shards (power-loss safe); atomic renames need no fsync
         "--no-fsync", "skip fsync before each shard's rename: faster, still safe if the process is killed, not if "
                       "the machine loses power", commands=("run",), sets=False))

@@ -11,10 +11,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .._lazy import lazy_module
 from ..errors import CheckpointError, short
-from .header import FileStamp, TensorInfo, read_header, require_regular
+from .header import FileStamp, Header, TensorInfo, read_header, require_regular
 
 torch = lazy_module("torch")  # only pickled checkpoints and reading rows need it
 
@@ -57,42 +58,16 @@ def open_model(path: str | os.PathLike) -> ModelFiles:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e}); check the path and its permissions") from None
     if not exists:
         raise CheckpointError(f"{path}: model path does not exist; check the path in the config "
-                              "(streammerge reads local folders only, it does not download from a hub)")
+                              "(a hub repository is named ORG/NAME or ORG/NAME@REVISION)")
     if not path.is_dir():
         if path.suffix != ".safetensors":
             raise CheckpointError(f"{path}: expected a model folder or a .safetensors file")
         header = read_header(path)
-        return ModelFiles(path.parent, dict(header.tensors), _config_of(path.parent), [path])
-    config = _config_of(path)
+        return ModelFiles(path.parent, dict(header.tensors), config_of(path.parent), [path])
+    config = config_of(path)
     index = path / INDEX_NAME
     if index.exists():
-        doc = _load_json(index)
-        weight_map = doc.get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: missing 'weight_map'; re-export the checkpoint")
-        for fname in weight_map.values():
-            if not isinstance(fname, str) or fname in ("", ".", "..") or Path(fname).name != fname:
-                raise CheckpointError(f"{index}: weight_map names shard {str(fname)[:80]!r}, which is not a file "
-                                      f"name inside {path}; re-export the checkpoint")
-        tensors: dict[str, TensorInfo] = {}
-        files = sorted(set(weight_map.values()))
-        for fname in files:
-            fpath = path / fname
-            if not fpath.exists():
-                raise CheckpointError(f"{index}: lists shard {short(fname)}, which is missing from {path}; "
-                                      "download the missing shard")
-            header = read_header(fpath)
-            for name, info in header.tensors.items():
-                if weight_map.get(name) != fname:
-                    raise CheckpointError(f"{fpath}: holds tensor {short(name)} that {INDEX_NAME} "
-                                          f"{'does not list' if name not in weight_map else 'assigns to ' + short(weight_map[name])}; "
-                                          "the index and shards disagree, re-export the checkpoint")
-                tensors[name] = info
-        missing = [n for n in weight_map if n not in tensors]
-        if missing:
-            raise CheckpointError(f"{index}: lists {len(missing)} tensor(s) absent from their shard, "
-                                  f"e.g. {short(missing[0])} in {short(weight_map[missing[0]])}; re-download that shard")
-        return ModelFiles(path, tensors, config, [path / f for f in files])
+        return open_indexed(path, config)
     single = path / SINGLE_NAME
     if single.exists():
         return ModelFiles(path, dict(read_header(single).tensors), config, [single])
@@ -112,7 +87,45 @@ def open_model(path: str | os.PathLike) -> ModelFiles:
     raise CheckpointError(f"{path}: no model.safetensors, {INDEX_NAME}, *.safetensors or pytorch_model*.bin found")
 
 
-def _config_of(path: Path) -> dict | None:
+def _local_shard(index: Path, fpath: Path) -> Header:
+    if not fpath.exists():
+        raise CheckpointError(f"{index}: lists shard {short(fpath.name)}, which is missing from {fpath.parent}; "
+                              "download the missing shard")
+    return read_header(fpath)
+
+
+def open_indexed(path: Path, config: dict | None,
+                 header_of: Callable[[Path, Path], Header] = _local_shard) -> ModelFiles:
+    """A folder with model.safetensors.index.json: every shard it lists, checked against the index.
+    `header_of(index, shard_path)` reads one shard's header (a hub model reads it by range request)."""
+    index = path / INDEX_NAME
+    doc = _load_json(index)
+    weight_map = doc.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: missing 'weight_map'; re-export the checkpoint")
+    for fname in weight_map.values():
+        if not isinstance(fname, str) or fname in ("", ".", "..") or Path(fname).name != fname:
+            raise CheckpointError(f"{index}: weight_map names shard {str(fname)[:80]!r}, which is not a file "
+                                  f"name inside {path}; re-export the checkpoint")
+    tensors: dict[str, TensorInfo] = {}
+    files = sorted(set(weight_map.values()))
+    for fname in files:
+        fpath = path / fname
+        header = header_of(index, fpath)
+        for name, info in header.tensors.items():
+            if weight_map.get(name) != fname:
+                raise CheckpointError(f"{fpath}: holds tensor {short(name)} that {INDEX_NAME} "
+                                      f"{'does not list' if name not in weight_map else 'assigns to ' + short(weight_map[name])}; "
+                                      "the index and shards disagree, re-export the checkpoint")
+            tensors[name] = info
+    missing = [n for n in weight_map if n not in tensors]
+    if missing:
+        raise CheckpointError(f"{index}: lists {len(missing)} tensor(s) absent from their shard, "
+                              f"e.g. {short(missing[0])} in {short(weight_map[missing[0]])}; re-download that shard")
+    return ModelFiles(path, tensors, config, [path / f for f in files])
+
+
+def config_of(path: Path) -> dict | None:
     cfg = path / "config.json"
     return _load_json(cfg) if cfg.exists() else None
 

@@ -19,6 +19,7 @@ from typing import Any
 from ..arch import Arch
 from ..config import MergeConfig, OutputSlice, SliceSource, evaluate
 from ..errors import CheckpointError, ConfigError, ProblemsError, StreammergeError, clip, short
+from ..hub.open import pending
 from ..io.header import FLOAT_CODES, ITEMSIZE, TensorInfo
 from ..io.reader import ModelFiles
 from ..methods import MethodSpec, TensorJob, get_method
@@ -329,9 +330,8 @@ class Planner:
             out_config=out_config(self.models[config_ref].config, out_layer, out_dtype_name, ref_arch,
                                   embedding_rows(tensors, ref_arch)),
             reference_model=model_index[ref_name], tokenizer_model=tokenizer_model,
-            warnings=tuple(self.warnings),
-            model_sweeps=sweeps,
-            block_elems=self._block_elems,
+            warnings=tuple(self.warnings), model_sweeps=sweeps, block_elems=self._block_elems,
+            downloads=pending(s.info.file for t in tensors for s in t.inputs),
         )
 
     def _result_dtype(self, compute: str) -> str:

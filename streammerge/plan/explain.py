@@ -33,6 +33,9 @@ def print_plan(plan: Plan, console, diagnostics=None) -> None:
     kinds = Counter(t.out_dtype for t in plan.tensors)
     console.print(f"[bold]bytes[/bold] in {_fmt(plan.bytes_in)}, out {_fmt(plan.bytes_out)}; output dtype(s): "
                   + ", ".join(f"{k} x{v}" for k, v in kinds.items()))
+    if plan.downloads:
+        console.print(f"[bold]download[/bold] {len(plan.downloads)} file(s) from the hub, "
+                      f"{_fmt(sum(n for _, n in plan.downloads))}, before the merge (into the hub cache)")
     table = Table(title="output shards")
     for col in ("shard", "tensors", "size"):
         table.add_column(col)

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..arch import LAYER_COUNT_KEYS, Arch, infer_arch
-from ..config import MergeConfig, resolve_model_path
+from ..config import MergeConfig
 from ..errors import CheckpointError, ConfigError, StreammergeError
-from ..io.reader import ModelFiles, open_model
+from ..hub.open import open_ref
+from ..io.reader import ModelFiles
 from .ir import TensorPlan
 
 
@@ -23,7 +24,7 @@ def open_inputs(refs: list[str], config_dir: Path | None) -> tuple[dict[str, Mod
     problems: list[StreammergeError] = []
     for ref in refs:
         try:
-            mf = open_model(resolve_model_path(ref, config_dir))
+            mf = open_ref(ref, config_dir)
             if not mf.tensors:  # it would merge into an output with no weights, exit 0
                 raise CheckpointError(f"{mf.path}: holds no tensors (its safetensors headers list none); the "
                                       "download or export is incomplete, or this is not the model folder meant")

@@ -75,6 +75,7 @@ class Plan:
     device: str = "cpu"                 # as asked: cpu | cuda | auto
     gpu_budget: int = 0                 # --max-gpu-memory (bytes) the bands were planned under; 0: unchecked
     gpu_peak_estimate: int = 0          # device bytes in flight at most (with the allocator allowance)
+    downloads: tuple[tuple[str, int], ...] = ()  # hub files the run fetches first: (cache path, bytes)
 
     @property
     def bytes_in(self) -> int:
