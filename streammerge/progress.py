@@ -8,7 +8,8 @@ from .options import RunOptions
 from .report import RunReport
 
 
-def run_with_progress(config_path: str | os.PathLike, out: str | os.PathLike, options: RunOptions, console) -> RunReport:
+def run_with_progress(config_path: str | os.PathLike, out: str | os.PathLike, options: RunOptions, console, *,
+                      config_text: str | None = None) -> RunReport:
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
@@ -29,4 +30,4 @@ def run_with_progress(config_path: str | os.PathLike, out: str | os.PathLike, op
             progress.advance(state["task"], n)
 
     with progress:
-        return run(config_path, out, options, on_start=on_start, on_progress=on_progress)
+        return run(config_path, out, options, on_start=on_start, on_progress=on_progress, config_text=config_text)

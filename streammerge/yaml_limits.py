@@ -42,14 +42,29 @@ class _Limit(Exception):
 def load_yaml(text: str, source: str = "config") -> Any:
     """The YAML document of a config, refused (ConfigError) when it is nested too deeply, expands to too
     many values through aliases or merge keys, refers to itself, or holds an absurdly long integer."""
+    docs = _load(text, source, single=True)
+    return docs[0] if docs else None
+
+
+def load_yaml_all(text: str, source: str = "recipe") -> list[Any]:
+    """Every document of a multi-document YAML file (a batch recipe), each within the same limits."""
+    return _load(text, source, single=False)
+
+
+def _load(text: str, source: str, single: bool) -> list[Any]:
     loader = None
     try:
         loader = _ConfigLoader(text)  # the reader refuses control characters here, already
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _measure(node, "", 1, {}, set())
-        return loader.construct_document(node)
+        nodes = [loader.get_single_node()] if single else []
+        while not single and loader.check_node():
+            nodes.append(loader.get_node())
+        docs = []
+        for node in nodes:
+            if node is None:
+                continue
+            _measure(node, "", 1, {}, set())
+            docs.append(loader.construct_document(node))
+        return docs
     except _Limit as e:
         raise ConfigError(f"{source}: {e}; a merge config is a small tree of keys and values") from None
     except yaml.YAMLError as e:
