@@ -73,6 +73,9 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+resolve_device = _resolve_device  # public name for `streammerge moe`
+
+
 def _with_gpu_budget(options: RunOptions) -> RunOptions:
     """A cuda/auto run without --max-gpu-memory plans under 80% of the device's memory: read here, at run
     time, so that planning (and `check`) never needs torch."""
@@ -84,6 +87,9 @@ def _with_gpu_budget(options: RunOptions) -> RunOptions:
         return options  # auto runs on the CPU; cuda is refused by _resolve_device
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     return dataclasses.replace(options, max_gpu_memory=default_max_gpu_memory(total))
+
+
+with_gpu_budget = _with_gpu_budget  # public name for `streammerge moe`
 
 
 def _input_files(plan: Plan) -> list[Path]:
@@ -217,6 +223,18 @@ def run(config_path: str | os.PathLike | None, out: str | os.PathLike, options: 
 def _run_locked(plan: Plan, config: MergeConfig, text: str, out: Path, fingerprint: str, device: torch.device,
                 options: RunOptions, t0: float, on_start: Callable[[Plan], None] | None,
                 on_progress: Callable[[int], None] | None) -> RunReport:
+    plan, result, used = execute_plan(plan, out, fingerprint, device, options, on_start, on_progress)
+    _finish_folder(out, plan, config, text, options)
+    return RunReport(method=plan.method, out_dir=str(out), seconds=time.perf_counter() - t0, peak_rss=peak_rss_bytes(),
+                     budget=plan.budget, device=result.device, shards=result.shards, nonfinite_tensors=result.nonfinite,
+                     warnings=list(plan.warnings), kernels=used)
+
+
+def execute_plan(plan: Plan, out: Path, fingerprint: str, device: torch.device, options: RunOptions,
+                 on_start: Callable[[Plan], None] | None = None, on_progress: Callable[[int], None] | None = None):
+    """Write a planned merge's shards into a locked, prepared `out` (resuming where the manifest says);
+    returns (plan with resume warnings, ExecResult, kernels used). Shared by `run` and `streammerge moe`,
+    which writes the files around the shards itself."""
     from .execute import Executor
     from .pipeline import bound_malloc
 
@@ -246,10 +264,7 @@ def _run_locked(plan: Plan, config: MergeConfig, text: str, out: Path, fingerpri
 
     dispatch.reset()
     result = executor.run()
-    _finish_folder(out, plan, config, text, options)
-    return RunReport(method=plan.method, out_dir=str(out), seconds=time.perf_counter() - t0, peak_rss=peak_rss_bytes(),
-                     budget=plan.budget, device=result.device, shards=result.shards, nonfinite_tensors=result.nonfinite,
-                     warnings=list(plan.warnings), kernels=dispatch.used())
+    return plan, result, dispatch.used()
 
 
 def _finish_folder(out: Path, plan: Plan, config: MergeConfig, config_text: str, options: RunOptions) -> None:

@@ -17,7 +17,7 @@ from .command import EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, Command
 from .flags import options_from_args
 from .signals import signals_as_interrupt
 
-MODULES = ("commands", "batch")
+MODULES = ("commands", "moe", "batch")
 
 
 def command_table() -> dict[str, Command]:

@@ -68,7 +68,10 @@ def _run(args: argparse.Namespace, console) -> int:
 def _check(args: argparse.Namespace, console) -> int:
     from ..merge import check
     from ..plan.explain import print_plan
+    from .moe import check_moe_cli, is_moe_config
 
+    if is_moe_config(args.config):  # mergekit-moe's schema (has `experts:`)
+        return check_moe_cli(args, console)
     plan = check(args.config, options_from_args(args))
     print_plan(plan, results_console(), console)
     return EXIT_OK
