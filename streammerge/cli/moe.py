@@ -60,7 +60,8 @@ def _moe(args: argparse.Namespace, console) -> int:
         import torch
 
         torch.set_num_threads(args.num_threads)
-    options = options_from_args(args, **({"progress": False} if args.quiet else {}))
+    as_run = argparse.Namespace(**{**vars(args), "command": "run"})  # run's flags, read as run reads them
+    options = options_from_args(as_run, **({"progress": False} if args.quiet else {}))
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                         console=console, disable=not options.progress)
     state: dict = {}
