@@ -1,7 +1,8 @@
 """The reader side of a run: row bands read from the inputs into a fixed pool of host slots.
 
 What is read, and how often, is the plan's: a tensor whose `read_once` is set is read once and all of
-its passes run on that band; any other is read again, band by band, for every pass. A tensor with no
+its passes run on that band; any other is read again, band by band, for every pass (a `folded` last
+reduce shares the map's read). A tensor with no
 elements ([0], [N, 0]) is never read: its header entry is all of it.
 """
 
@@ -52,8 +53,12 @@ def slot_bytes(t: TensorPlan) -> int:
 
 
 def pass_groups(t: TensorPlan) -> list[tuple[int, ...]]:
-    """The passes each reading of `t` runs: all at once when the plan reads it once, else one per read."""
-    return [tuple(range(t.passes))] if t.read_once else [(p,) for p in range(t.passes)]
+    """The passes each reading of `t` runs: all at once when the plan reads it once, else one per read,
+    the last reduce with the map when the plan folds it (`plan/passes.py`)."""
+    if t.read_once:
+        return [tuple(range(t.passes))]
+    groups = [(p,) for p in range(t.passes)]
+    return groups[:-2] + [(t.passes - 2, t.passes - 1)] if t.folded else groups
 
 
 def read_band(reader: RowReader, t: TensorPlan, r0: int, r1: int, buf: torch.Tensor) -> list[torch.Tensor]:

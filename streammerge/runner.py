@@ -34,6 +34,9 @@ def resolve_reduces(spec: MethodSpec, job: TensorJob, t: TensorPlan) -> tuple[Re
         raise StreammergeError(f"plan: tensor {t.name!r} lists the reduce passes {list(t.reduces)}, but method "
                                f"{spec.name!r} here runs {list(names)}; the plan was made by another version of "
                                "streammerge: plan it again with this one")
+    if t.folded and not t.read_once and (not reduces or reduces[-1].so_far is None):
+        raise StreammergeError(f"plan: tensor {t.name!r} counts its last reduce pass in the map's read, but method "
+                               f"{spec.name!r} here cannot; the plan was made by another version: plan it again")
     return reduces
 
 
@@ -88,6 +91,7 @@ class BandRunner:
                 return [c[a:b] if c.dim() >= 2 and len(t.shape) >= 2 else c for c in whole]
             return [(c[a:b] if len(t.shape) >= 2 else c).to(job.compute_dtype) for c in band.chunks]
 
+        folded = t.folded and not t.read_once and len(band.passes) == 2  # the last reduce and the map share this read
         for p in band.passes:
             if p < len(reduces):
                 red = reduces[p]
@@ -104,6 +108,12 @@ class BandRunner:
                 else:
                     for a, b in blocks:
                         red.update(state, job, chunks_of(a, b), band.r0 + a)
+                if folded:   # the rows so far are all the map of this band needs
+                    so_far = red.so_far(state, job, stats)
+                    if band.r1 == t.rows:
+                        states.pop(band.tensor)
+                    self.map(t, job, band, blocks, chunks_of, [*stats, so_far])
+                    return
                 if band.r1 == t.rows:
                     stats.append(red.finish(states.pop(band.tensor), job, stats))
                 continue

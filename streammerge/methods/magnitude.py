@@ -2,7 +2,8 @@
 
 Per tensor: one histogram pass per level of the dtype's bit patterns (1 for bf16/fp16, 2 for fp32),
 then a counting pass (elements equal to each threshold per row, so that the tie rule "first equal
-ones in flat order" holds in any band or block; L1 sums for rescale). With `scope: model`, the same
+ones in flat order" holds in any band or block; L1 sums for rescale). Without rescale the counting
+may run in the map's read (`Reduce.so_far`). With `scope: model`, the same
 over every tensor of the model (`model_pass`). The thresholds come from
 `streammerge.kernels.threshold`; kernels are imported where they are called, so planning stays
 torch-free.
@@ -128,7 +129,10 @@ def magnitude_reduces(job: TensorJob, kind: str, rescale: bool) -> tuple[Reduce,
         return {"prefix": prefix, "scale": scale}
 
     passes = tuple(hist_pass(p) for p in range(n_passes))
-    return passes + (Reduce("tie_counts", count_init, count_update, count_finish, count_merge),)
+    # Without rescale the map of a row needs only the equal elements of the rows before it: counted in
+    # order, band by band, the map's own read can do the counting. The L1 factor needs every row first.
+    so_far = None if rescale else count_finish
+    return passes + (Reduce("tie_counts", count_init, count_update, count_finish, count_merge, so_far),)
 
 
 def _thresholds(f: KthMagnitude) -> tuple[Threshold, ...]:

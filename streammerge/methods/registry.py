@@ -113,13 +113,19 @@ class Reduce:
     shared closures), `update` folds a row band into it, `finish` turns it into a small statistic
     (`stats[i]` of later passes). Bands arrive in row order (`row0` is the band's first row) unless
     `merge` is given: then the executor may fold sub-bands into fresh states (each from `init`) on
-    several threads and `merge(into, other)` them in row order, which must give the same result."""
+    several threads and `merge(into, other)` them in row order, which must give the same result.
+
+    `so_far(state, job, stats)`, when given, is the statistic of the rows folded so far, all that the
+    map of those rows needs (TIES's tie counts: equal elements before each row). The planner may then
+    fold this last reduce into the map's read of a tensor too big for one band (`plan.passes`): each
+    band is folded, then mapped, in row order, and the tensor is read once less."""
 
     name: str
     init: Callable[[TensorJob, Sequence[Any]], Any]
     update: Callable[[Any, TensorJob, list[torch.Tensor], int], None]
     finish: Callable[[Any, TensorJob, Sequence[Any]], Any]
     merge: Callable[[Any, Any], None] | None = None
+    so_far: Callable[[Any, TensorJob, Sequence[Any]], Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from ..methods.registry import REQUIRED, Param
 from ..options import RunOptions
 from ..unsupported import config_warnings
 from . import budget as budget_mod
-from . import rules
+from . import passes, rules
 from .inputs import check_same_depth, config_source, embedding_rows, open_inputs, out_config
 from .ir import Plan, Source, TensorPlan
 from .params import converter
@@ -281,8 +281,7 @@ class Planner:
         rpc = budget_mod.rows_per_chunk(out_name, rows, infos, row_elems, compute, out_dtype, self.options.prefetch,
                                         data_budget - block_work, budget, self.options.chunk_rows, blocked,
                                         self._gpu_budget(), self._floor)
-        in_flight = block_work + budget_mod.in_flight(rpc, infos, row_elems, compute, out_dtype,
-                                                      self.options.prefetch, blocked)
+        in_flight = block_work + budget_mod.in_flight(rpc, infos, row_elems, compute, out_dtype, self.options.prefetch, blocked)
         gpu_in_flight = budget_mod.gpu_in_flight(rpc, infos, row_elems, compute, out_dtype) if self._gpu_budget() else 0
         numel = math.prod(shape)
         plan = TensorPlan(
@@ -294,8 +293,9 @@ class Planner:
             read_once=rules.read_once(rows, rpc),
             block_rows=rules.block_rows(tuple(shape), rows, row_elems, self._block_elems))
         job = TensorJob.from_plan(plan, self.options.seed)
-        reduces = rules.reduce_names(self.spec, job)
-        plan = replace(plan, passes=len(reduces) + 1, reduces=reduces)
+        plan, in_flight = passes.settle(self.spec, plan, job, infos, self.options.prefetch, data_budget - block_work,
+                                        budget - data_budget, block_work, in_flight, blocked and not self.options.chunk_rows)
+        job = TensorJob.from_plan(plan, self.options.seed)
         if self.spec.validate is not None:
             msg = self.spec.validate(job)
             if msg:

@@ -44,6 +44,8 @@ class TensorPlan:
     reduces: tuple[str, ...] = ()       # the method's reduce passes for this tensor, by name, in order
     read_once: bool = True              # one band holds the tensor: read once for all its passes
     block_rows: int = 0                 # CPU compute blocks of this many rows (0: the band is one block)
+    folded: bool = False                # the last reduce runs in the map's read (plan/passes.py: fold)
+    one_read_budget: int = 0            # --max-memory from which one band would hold it (0: not planned so)
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class Plan:
 
     @property
     def bytes_in(self) -> int:
-        per_tensor = sum(t.bytes_in if t.read_once else t.bytes_in * t.passes for t in self.tensors)
+        per_tensor = sum(t.bytes_in * (1 if t.read_once else t.passes - int(t.folded)) for t in self.tensors)
         return per_tensor + self.model_sweeps * sum(t.bytes_in for t in self.tensors)
 
     @property
