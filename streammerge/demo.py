@@ -87,12 +87,16 @@ def _config_text(template: str, base: Path, experts: list[Path], layers: int) ->
     return template.format(base=base, e0=experts[0], e1=experts[1], e2=experts[2], last=layers - 1, layers=layers)
 
 
-def _merge(console, cfg: Path, text: str, out: Path, options):
-    """Write the config, merge with a progress bar, print the per-shard table; the run report."""
+def _merge(console, cfg: Path, text: str, out: Path, options, watch=None):
+    """Write the config, merge with a progress bar (inside `watch`, a context manager such as a MemWatch,
+    when given), print the per-shard table; the run report."""
+    import contextlib
+
     from .progress import run_with_progress
 
     cfg.write_text(text)
-    report = run_with_progress(cfg, out, options, console)
+    with watch if watch is not None else contextlib.nullcontext():
+        report = run_with_progress(cfg, out, options, console)
     report.print(console)
     return report
 
@@ -126,9 +130,10 @@ def demo(console, out: Path | None = None, method: str = "linear", progress: boo
     return 0
 
 
-def bench(console, options, preset: str, method: str, data: Path | None):
-    """Merge a synthetic family of `preset` with `method` and print the per-shard throughput table.
-    For a comparison with mergekit on the same inputs, see scripts/bench_merge.py."""
+def bench(console, options, preset: str, method: str, data: Path | None, watch=None):
+    """Merge a synthetic family of `preset` with `method` and print the per-shard throughput table
+    (the merge runs inside `watch` when given). For a comparison with mergekit on the same inputs, see
+    scripts/bench_merge.py; for the 70B-shaped slab at several budgets, scripts/bench_scale.py."""
     from . import synth
 
     spec = synth.PRESETS.get(preset)
@@ -138,6 +143,12 @@ def bench(console, options, preset: str, method: str, data: Path | None):
         return None
     with tempfile.TemporaryDirectory(prefix="streammerge-bench-") as tmp:
         root = Path(data) if data else Path(tmp)
-        base, experts = synth.make_family(root / preset, spec, 3, seed=0, reuse=True)
+        if preset in synth.FAST_PRESETS:
+            from .synth_fast import make_family_fast
+
+            base, experts = make_family_fast(root / preset, spec, 3, seed=0, reuse=True,
+                                             shard_size=synth.PRESET_SHARD_SIZES[preset])
+        else:
+            base, experts = synth.make_family(root / preset, spec, 3, seed=0, reuse=True)
         text = _config_text(template, base, experts, spec.layers)
-        return _merge(console, Path(tmp) / "bench.yml", text, Path(tmp) / "merged", options)
+        return _merge(console, Path(tmp) / "bench.yml", text, Path(tmp) / "merged", options, watch)

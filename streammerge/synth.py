@@ -29,15 +29,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from streammerge.errors import CheckpointError, OutputError
-from streammerge.synth_spec import DTYPE_SIZES, PRESETS, SynthSpec, hf_config, numel, tensor_shapes
+from streammerge.synth_spec import (DTYPE_SIZES, FAST_PRESETS, PRESET_SHARD_SIZES, PRESETS, SynthSpec, hf_config,
+                                    numel, tensor_shapes)
 
 __all__ = [
+    "FAST_PRESETS",
     "MANIFEST_NAME",
     "PRESETS",
+    "PRESET_SHARD_SIZES",
     "SynthSpec",
     "is_complete",
     "make_family",
+    "plan_shards",
+    "shard_name",
     "tensor_shapes",
+    "write_side_files",
     "write_checkpoint",
 ]
 
@@ -76,7 +82,7 @@ def _fill(
         flat[start : start + n].copy_(b)
 
 
-def _plan_shards(names: list[tuple[str, tuple[int, ...]]], itemsize: int, shard_size: int) -> list[list[int]]:
+def plan_shards(names: list[tuple[str, tuple[int, ...]]], itemsize: int, shard_size: int) -> list[list[int]]:
     """Greedy in order, as transformers shards: a new shard when the next tensor would overflow."""
     shards: list[list[int]] = [[]]
     size = 0
@@ -90,7 +96,7 @@ def _plan_shards(names: list[tuple[str, tuple[int, ...]]], itemsize: int, shard_
     return shards
 
 
-def _shard_name(k: int, n: int) -> str:
+def shard_name(k: int, n: int) -> str:
     """Hugging Face's name for shard ``k`` (from 0) of ``n``."""
     return "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
 
@@ -165,6 +171,13 @@ def _write_tokenizer(path: Path, spec: SynthSpec) -> None:
     (path / "tokenizer.json").write_text(tok.to_str(pretty=True) + "\n")
 
 
+def write_side_files(path: Path, spec: SynthSpec) -> None:
+    """config.json, generation_config.json and the tokenizer files: everything but the weights."""
+    _write_json(path / "config.json", hf_config(spec))
+    _write_json(path / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
+    _write_tokenizer(path, spec)
+
+
 def _write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -206,8 +219,8 @@ def is_complete(
         return False
     if found != _manifest(spec, seed, base, noise, shard_size, model_index):
         return False
-    shards = _plan_shards(tensor_shapes(spec), _DTYPES[spec.dtype].itemsize, shard_size)
-    return all((path / _shard_name(k, len(shards))).is_file() for k in range(len(shards)))
+    shards = plan_shards(tensor_shapes(spec), _DTYPES[spec.dtype].itemsize, shard_size)
+    return all((path / shard_name(k, len(shards))).is_file() for k in range(len(shards)))
 
 
 def write_checkpoint(
@@ -237,7 +250,7 @@ def write_checkpoint(
     shapes = tensor_shapes(spec)
     dtype = _DTYPES[spec.dtype]
     base_files = _check_base(Path(base), shapes) if base is not None else None
-    shards = _plan_shards(shapes, dtype.itemsize, shard_size)
+    shards = plan_shards(shapes, dtype.itemsize, shard_size)
     n_shards = len(shards)
 
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
@@ -264,7 +277,7 @@ def write_checkpoint(
         total_size = 0
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for k, members in enumerate(shards):
-                fname = _shard_name(k, n_shards)
+                fname = shard_name(k, n_shards)
                 tensors = {shapes[i][0]: t for i, t in zip(members, pool.map(make, members))}
                 save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
                 for name, t in tensors.items():
@@ -277,9 +290,7 @@ def write_checkpoint(
                 tmp / "model.safetensors.index.json",
                 {"metadata": {"total_size": total_size}, "weight_map": weight_map},
             )
-        _write_json(tmp / "config.json", hf_config(spec))
-        _write_json(tmp / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2})
-        _write_tokenizer(tmp, spec)
+        write_side_files(tmp, spec)
         _write_json(tmp / MANIFEST_NAME, _manifest(spec, seed, base, noise, shard_size, model_index))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

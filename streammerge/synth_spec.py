@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DTYPE_SIZES", "PRESETS", "SynthSpec", "hf_config", "numel", "tensor_shapes"]
+__all__ = ["DTYPE_SIZES", "FAST_PRESETS", "PRESETS", "PRESET_SHARD_SIZES", "SynthSpec", "hf_config", "numel",
+           "tensor_shapes"]
 
 DTYPE_SIZES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
 """The checkpoint dtypes a spec may ask for, with their item sizes."""
@@ -26,6 +27,8 @@ class SynthSpec:
     kv_heads: int
     dtype: str = "bfloat16"
     tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    max_positions: int = 2048
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_SIZES:
@@ -60,7 +63,23 @@ PRESETS: dict[str, SynthSpec] = {
     "1b": SynthSpec(hidden=2048, intermediate=5632, layers=22, vocab=32000, heads=32, kv_heads=4),
     # OpenLLaMA-3B's shape: 3.43B parameters, 6.85 GB in bf16 (the GPU benchmark's default).
     "3b": SynthSpec(hidden=3200, intermediate=8640, layers=26, vocab=32000, heads=32, kv_heads=32),
+    # Llama-3-8B's shape: 8.03B parameters, 16.1 GB in bf16.
+    "8b": SynthSpec(hidden=4096, intermediate=14336, layers=32, vocab=128256, heads=32, kv_heads=8,
+                    rope_theta=500000.0, max_positions=8192),
+    # Llama-3-70B's shapes with 2 of its 80 layers: the full 128256 x 8192 embedding and lm_head (2.1 GB
+    # each) and 470 MB MLP matrices, 7.6 GB in bf16: the tensors that span several bands at a 1 GiB budget.
+    "70b-slab": SynthSpec(hidden=8192, intermediate=28672, layers=2, vocab=128256, heads=64, kv_heads=8,
+                          rope_theta=500000.0, max_positions=8192),
+    # Llama-3-70B's shape: 70.6B parameters, 141 GB in bf16 (for machines with the disk).
+    "70b-full": SynthSpec(hidden=8192, intermediate=28672, layers=80, vocab=128256, heads=64, kv_heads=8,
+                          rope_theta=500000.0, max_positions=8192),
 }
+
+PRESET_SHARD_SIZES: dict[str, int] = {"8b": 5 * 10**9, "70b-slab": 5 * 10**9, "70b-full": 5 * 10**9}
+"""Shard size per preset where it is not the writer's default: Hugging Face's 5 GB for the Llama-3 shapes."""
+
+FAST_PRESETS = frozenset(PRESET_SHARD_SIZES)
+"""Presets written by ``streammerge.synth_fast`` (GB/s, tiled seeded pools) rather than drawn per element."""
 
 
 def numel(shape: tuple[int, ...]) -> int:
@@ -108,7 +127,7 @@ def hf_config(spec: SynthSpec) -> dict:
         "hidden_size": spec.hidden,
         "initializer_range": 0.02,
         "intermediate_size": spec.intermediate,
-        "max_position_embeddings": 2048,
+        "max_position_embeddings": spec.max_positions,
         "mlp_bias": False,
         "model_type": "llama",
         "num_attention_heads": spec.heads,
@@ -117,7 +136,7 @@ def hf_config(spec: SynthSpec) -> dict:
         "pretraining_tp": 1,
         "rms_norm_eps": 1e-05,
         "rope_scaling": None,
-        "rope_theta": 10000.0,
+        "rope_theta": spec.rope_theta,
         "tie_word_embeddings": spec.tie_embeddings,
         "torch_dtype": spec.dtype,
         "use_cache": True,

@@ -12,6 +12,41 @@ from .command import EXIT_OK, EXIT_USAGE, Command
 from .flags import add_options, alternatives, int_flag, notes, options_from_args, run_args
 
 
+def _plot_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw per-shard read/compute/write GB/s and memory over time against the budget "
+                        "(needs the plot extra: matplotlib)")
+
+
+def _run_plot_args(p: argparse.ArgumentParser) -> None:
+    run_args(p)
+    _plot_arg(p)
+
+
+def _plot_watch(args: argparse.Namespace, console):
+    """A MemWatch when --plot is given (after checking matplotlib is there: not after an hour's run), or
+    None; the `int` EXIT_USAGE when matplotlib is missing."""
+    if not args.plot:
+        return None
+    from ..plot import PlotUnavailable, require_matplotlib
+
+    try:
+        require_matplotlib()
+    except PlotUnavailable as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, markup=False)
+        return EXIT_USAGE
+    from ..memwatch import MemWatch
+
+    return MemWatch()
+
+
+def _draw(args: argparse.Namespace, report, watch, console) -> None:
+    from ..plot import write_chart
+
+    write_chart(args.plot, report, watch.samples)
+    console.print(f"chart: {args.plot}", highlight=False, markup=False, soft_wrap=True)
+
+
 def _check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config")
     add_options(p, "check")
@@ -29,6 +64,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="keep (and reuse) the synthetic inputs here (default: a temporary folder)")
     p.add_argument("--report", default=None, metavar="FILE.json", help="write the run report as JSON")
     add_options(p, "bench")
+    _plot_arg(p)
 
 
 def _synth_args(p: argparse.ArgumentParser) -> None:
@@ -58,10 +94,18 @@ def _run(args: argparse.Namespace, console) -> int:
 
         console = Console(stderr=True, quiet=True)
     extra = {"progress": False} if args.quiet else {}
-    report = run_with_progress(args.config, args.out, options_from_args(args, **extra), console)
+    watch = _plot_watch(args, console)
+    if isinstance(watch, int):
+        return EXIT_USAGE
+    import contextlib
+
+    with watch if watch is not None else contextlib.nullcontext():
+        report = run_with_progress(args.config, args.out, options_from_args(args, **extra), console)
     report.print(console if args.quiet else results_console(), console)
     if args.report:
         report.write_json(Path(args.report))
+    if watch is not None:
+        _draw(args, report, watch, console)
     return EXIT_OK
 
 
@@ -102,13 +146,18 @@ def _bench(args: argparse.Namespace, console) -> int:
 
     if args.report:
         check_report_path(args.report)
+    watch = _plot_watch(args, console)
+    if isinstance(watch, int):
+        return EXIT_USAGE
 
     report = bench(console, options_from_args(args, overwrite=True, progress=True), args.preset, args.method,
-                   Path(args.data) if args.data else None)
+                   Path(args.data) if args.data else None, watch)
     if report is None:
         return EXIT_USAGE
     if args.report:
         report.write_json(Path(args.report))
+    if watch is not None:
+        _draw(args, report, watch, console)
     return EXIT_OK
 
 
@@ -123,7 +172,13 @@ def _synth(args: argparse.Namespace, console) -> int:
         return EXIT_USAGE
     if args.dtype:
         spec = dataclasses.replace(spec, dtype=args.dtype)
-    base, experts = synth.make_family(Path(args.out), spec, args.experts, seed=args.seed)
+    if args.preset in synth.FAST_PRESETS:
+        from ..synth_fast import make_family_fast
+
+        base, experts = make_family_fast(Path(args.out), spec, args.experts, seed=args.seed,
+                                         shard_size=synth.PRESET_SHARD_SIZES[args.preset])
+    else:
+        base, experts = synth.make_family(Path(args.out), spec, args.experts, seed=args.seed)
     console.print(f"base: {base}")
     for e in experts:
         console.print(f"expert: {e}")
@@ -131,7 +186,7 @@ def _synth(args: argparse.Namespace, console) -> int:
 
 
 COMMANDS = (
-    Command("run", "merge CONFIG into OUT", run_args, _run, resumable=True),
+    Command("run", "merge CONFIG into OUT", _run_plot_args, _run, resumable=True),
     Command("check", "validate CONFIG and print the plan; reads headers only", _check_args, _check),
     Command("demo", "make tiny checkpoints and merge them", _demo_args, _demo),
     Command("synth", "write seeded synthetic Llama-shaped checkpoints", _synth_args, _synth),
