@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
     --preset) PRESET=$2; shift ;;
     --wheels) WHEELS=$2; shift ;;
     --minutes) MINUTES=$2; shift ;;
-    -h|--help) sed -n "2,18p" "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1'; see --help" >&2; exit 2 ;;
   esac
   shift

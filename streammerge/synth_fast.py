@@ -92,11 +92,16 @@ def write_checkpoint_fast(
         raise ValueError(f"shard_size: expected a positive byte count, got {shard_size}")
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise OutputError(f"synthetic checkpoint {path}: already exists and is not empty; pass overwrite=True")
+    pools = (_pool(seed, 0), _pool(seed, 1) if noise is not None else None)
+    return _write(path, spec, seed, model_index, noise, shard_size, pools)
+
+
+def _write(path: Path, spec: SynthSpec, seed: int, model_index: int, noise: float | None, shard_size: int,
+           pools: tuple[torch.Tensor, torch.Tensor | None]) -> Path:
     shapes = tensor_shapes(spec)
     dtype = _TORCH_DTYPES[spec.dtype]
     shards = plan_shards(shapes, DTYPE_SIZES[spec.dtype], shard_size)
-    base_pool = _pool(seed, 0)
-    noise_pool = _pool(seed, 1) if noise is not None else None
+    base_pool, noise_pool = pools
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -172,10 +177,15 @@ def make_family_fast(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     out = []
+    pools: list[torch.Tensor] = []   # drawn once for the family (the pools depend on the seed alone)
     for i in range(n_experts + 1):
         path = root / ("base" if i == 0 else f"expert_{i}")
         args = dict(model_index=i, noise=None if i == 0 else noise, shard_size=shard_size)
         if not (reuse and is_complete_fast(path, spec, seed, **args)):
-            write_checkpoint_fast(path, spec, seed, overwrite=overwrite or reuse, **args)
+            if path.exists() and not (overwrite or reuse) and (not path.is_dir() or any(path.iterdir())):
+                raise OutputError(f"synthetic checkpoint {path}: already exists and is not empty; pass overwrite=True")
+            if not pools:
+                pools += [_pool(seed, 0), _pool(seed, 1)]
+            _write(path, spec, seed, i, args["noise"], shard_size, (pools[0], pools[1] if i else None))
         out.append(path)
     return out[0], out[1:]
