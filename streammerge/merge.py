@@ -256,13 +256,17 @@ def execute_plan(plan: Plan, out: Path, fingerprint: str, device: torch.device, 
         manifest["shards"][plan.shards[i].filename] = {"size": f.stat().st_size, "checksum": checksum}
         write_json_atomic(manifest_path, manifest)
 
+    from .kernels import dispatch
+
+    dispatch.reset()
+    if options.backend == "ray":
+        from .ray_backend import ray_shards
+
+        return plan, ray_shards(plan, out, device, options, skip, on_progress or (lambda n: None), shard_done), {}
     bound_malloc()  # process-wide: once per run, before its threads start
     executor = Executor(plan, out_dir=out, device=device, prefetch=options.prefetch, skip_shards=skip,
                         on_progress=on_progress, on_shard_done=shard_done, check_nonfinite=options.check_nonfinite,
                         durable=options.fsync)
-    from .kernels import dispatch
-
-    dispatch.reset()
     result = executor.run()
     return plan, result, dispatch.used()
 

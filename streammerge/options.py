@@ -184,7 +184,8 @@ class Flag:
     """How a `RunOptions` field is spelled on the command line. A flag left out gives the field's default.
 
     `kind`: "size" (read by `parse_size`, at least 1 byte; `hint` is added to a too-small value's
-    message), "int" (read by `check_int` over the field's range), "choice" (one of `choices`), or
+    message), "int" (read by `check_int` over the field's range), "choice" (one of `choices`), "text"
+    (taken as written), or
     "switch" (no value: sets the field to `sets`; `negation`, when given, is a second switch that sets
     the opposite)."""
 
@@ -239,6 +240,13 @@ class RunOptions:
     overwrite: bool = _option(False, Flag("--overwrite", "replace an existing output folder", commands=("run",)))
     resume: bool = _option(False, Flag("--resume", "continue an interrupted merge into OUT", commands=("run",)))
     progress: bool = _option(True, Flag("--no-progress", "no progress bar", commands=("run",), sets=False))
+    backend: str = _option("local", Flag(
+        "--backend", "where the shards are computed: local (default), or ray (a Ray task per output shard, "
+        "reading the inputs from storage every worker sees; `pip install 'streammerge[ray]'`)", kind="choice",
+        choices=("local", "ray"), commands=("run",)))
+    ray_address: str | None = _option(None, Flag(
+        "--address", "--backend ray: the Ray cluster to join (default: RAY_ADDRESS, else a Ray started on this "
+        "machine)", kind="text", commands=("run",)))
     download: bool = _option(True, Flag(  # hub models: fetch the files the plan reads into the hub cache
         "--no-download", "download nothing from the hub: every file the merge reads must be in the hub cache",
         commands=("run",), sets=False))

@@ -50,6 +50,8 @@ def _reader(flag: Flag, bounds: tuple[int, int | None] | None):
         return size_flag(flag.name, flag.hint)
     if flag.kind == "int" and bounds is not None:
         return int_flag(flag.name, *bounds)
+    if flag.kind == "text":
+        return str
     raise ValueError(f"RunOptions flag {flag.name}: kind {flag.kind!r} needs an integer range")
 
 
