@@ -114,12 +114,12 @@ def test_every_option_flag_sets_its_field():
     argv = ["run", "c.yml", "out", "--max-memory", "2GiB", "--max-gpu-memory", "3G", "--device", "auto",
             "--out-shard-size", "1GiB", "--random-seed", "7", "--prefetch", "3", "--chunk-rows", "5", "--overwrite",
             "--resume", "--no-progress", "--no-fsync", "--no-copy-tokenizer", "--no-write-model-card", "--allow-crimes",
-            "--unsafe-truncate-embeddings", "--no-download"]
+            "--unsafe-truncate-embeddings", "--no-download", "--backend", "ray", "--address", "head:6379"]
     got = _parsed_options(argv)
     assert got == RunOptions(max_memory=2 << 30, max_gpu_memory=3 * 10**9, device="auto", out_shard_size=1 << 30,
                              seed=7, prefetch=3, chunk_rows=5, overwrite=True, resume=True, progress=False,
                              fsync=False, copy_tokenizer=False, write_model_card=False, allow_crimes=True,
-                             unsafe_truncate_embeddings=True, download=False)
+                             unsafe_truncate_embeddings=True, download=False, backend="ray", ray_address="head:6379")
     flagged = {name for name, _, _ in option_flags()}
     assert {f.name for f in dataclasses.fields(RunOptions)} - flagged == {"check_nonfinite"}
     changed = {f.name for f in dataclasses.fields(RunOptions) if getattr(got, f.name) != f.default}
