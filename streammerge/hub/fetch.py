@@ -92,7 +92,10 @@ def fetch_downloads(downloads: tuple[tuple[str, int], ...], allow: bool, progres
     client = HubClient()
     with _bar(total, progress) as advance:
         for path, _ in todo:
-            meta = pending_meta(path) or _meta_again(client, path)
+            planned, meta = pending_meta(path), _meta_again(client, path)  # a fresh link: signed CDN links expire
+            if planned is not None and (planned.etag, planned.size) != (meta.etag, meta.size):
+                raise HubError(f"{meta.repo_id}@{meta.commit}: {meta.filename} changed on the hub since the plan "
+                               "was made; run the same command again")
             download(client, meta, advance)
     return client.bytes_received
 

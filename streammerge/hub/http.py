@@ -74,23 +74,46 @@ class HubClient:
     def _scrub(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
 
-    def _fail(self, what: str, e: Exception) -> HubError:
+    def _fail(self, what: str, e: Exception, url: str | None = None) -> HubError:
         if isinstance(e, urllib.error.HTTPError):
+            url = getattr(e, "url", None) or url  # where it failed: after a redirect, the CDN
+            if url is not None and urllib.parse.urlsplit(url).netloc != self._host and e.code in (401, 403, 410):
+                return HubError(f"{what}: the download link the hub gave ({urllib.parse.urlsplit(url).netloc}) was "
+                                f"refused (HTTP {e.code}; signed links expire); run the same command again")
+            code, message = e.headers.get("X-Error-Code"), e.headers.get("X-Error-Message") or ""
+            if code == "GatedRepo":
+                return HubError(f"{what}: the repository is gated (HTTP {e.code}): accept its terms on its hub page "
+                                "with your account, then log in (`huggingface-cli login`) or set HF_TOKEN")
             if e.code in (401, 403):
-                why = ("the token is not valid or has no access to it; check HF_TOKEN or `huggingface-cli login`"
-                       if self._token else "it is private or gated; log in (`huggingface-cli login`) or set HF_TOKEN")
+                if self._token and (e.code == 403 or message == "Invalid credentials in Authorization header"):
+                    why = "the token is not valid or has no access to it; check HF_TOKEN or `huggingface-cli login`"
+                else:
+                    why = "it is private or gated; log in (`huggingface-cli login`) or set HF_TOKEN"
                 return HubError(f"{what}: access denied (HTTP {e.code}): {why}")
-            return HubError(f"{what}: the hub answered HTTP {e.code} ({clip(self._scrub(str(e.reason)), 80)})")
+            return HubError(f"{what}: the hub answered HTTP {e.code} ({clip(self._scrub(message or str(e.reason)), 80)})")
         reason = getattr(e, "reason", None) or e
         return HubError(f"{what}: cannot reach {self.endpoint} ({clip(self._scrub(str(reason)), 120)}); check the "
                         "network, or set HF_HUB_OFFLINE=1 to use only what is in the cache")
+
+    def _not_found(self, ref: RepoRef, e: urllib.error.HTTPError) -> HubError | None:
+        """The hub's 'no such repository / revision' (a 401 without a token, since it hides private repos)."""
+        code, message = e.headers.get("X-Error-Code"), e.headers.get("X-Error-Message") or ""
+        if code == "RevisionNotFound":
+            return HubError(f"{ref}: revision '{ref.revision or 'main'}' not found in {ref.repo_id} on the hub; "
+                            "check the branch, tag or commit hash after '@'")
+        if code == "RepoNotFound" or (e.code == 401 and code is None and not self._token
+                                      and message != "Invalid credentials in Authorization header"):
+            return HubError(f"{ref}: repository {ref.repo_id} not found on the hub ({self.endpoint}); check the "
+                            "name, or, if it is private, log in (`huggingface-cli login`) or set HF_TOKEN")
+        return None
 
     def url(self, repo_id: str, filename: str, revision: str) -> str:
         return (f"{self.endpoint}/{repo_id}/resolve/{urllib.parse.quote(revision, safe='')}/"
                 f"{urllib.parse.quote(filename)}")
 
     def head(self, ref: RepoRef, filename: str) -> FileMeta | None:
-        """A file's metadata at the revision; None when the repo has no such file."""
+        """A file's metadata at the revision; None when the repo has no such file. A missing repository
+        or revision is an error naming which."""
         url = self.url(ref.repo_id, filename, ref.revision or "main")
         what = f"{ref}: {filename}"
         for _ in range(5):  # relative redirects: a renamed repo
@@ -99,15 +122,16 @@ class HubClient:
                 resp = self._head_opener.open(req, timeout=TIMEOUT_S)
             except urllib.error.HTTPError as e:
                 if e.code in (301, 302, 303, 307, 308) and e.headers.get("Location"):
-                    loc = e.headers["Location"]
-                    if loc.startswith("/"):
-                        url = urllib.parse.urljoin(url, loc)
+                    loc = urllib.parse.urljoin(url, e.headers["Location"])
+                    if urllib.parse.urlsplit(loc).netloc == urllib.parse.urlsplit(url).netloc:
+                        url = loc
                         continue
-                    return self._meta(ref, filename, e.headers, loc, what)
+                    return self._redirected_meta(ref, filename, e.headers, loc, what)
+                if e.code in (401, 404):
+                    missing = self._not_found(ref, e)
+                    if missing is not None:
+                        raise missing from None
                 if e.code == 404:
-                    if e.headers.get("X-Error-Code") in ("RepoNotFound", "RevisionNotFound"):
-                        raise HubError(f"{ref}: {'repository' if e.headers['X-Error-Code'] == 'RepoNotFound' else 'revision'} "
-                                       "not found on the hub (or private: log in); check the name") from None
                     return None
                 raise self._fail(what, e) from None
             except (urllib.error.URLError, OSError) as e:
@@ -116,10 +140,23 @@ class HubClient:
                 return self._meta(ref, filename, resp.headers, url, what)
         raise HubError(f"{what}: too many redirects from {self.endpoint}")
 
-    def _meta(self, ref: RepoRef, filename: str, headers, url: str, what: str) -> FileMeta:
+    def _redirected_meta(self, ref: RepoRef, filename: str, headers, loc: str, what: str) -> FileMeta:
+        """An LFS file redirected to a CDN: its size is X-Linked-Size (the redirect's Content-Length is the
+        redirect's own); without it, ask the CDN, sending no token."""
+        if headers.get("X-Linked-Size") is None:
+            req = urllib.request.Request(loc, method="HEAD", headers=self._headers(loc))
+            try:
+                with self._head_opener.open(req, timeout=TIMEOUT_S) as resp:
+                    size = resp.headers.get("Content-Length")
+            except (urllib.error.URLError, OSError) as e:
+                raise self._fail(what, e, loc) from None
+            headers = {k: v for k, v in headers.items()} | {"X-Linked-Size": size or ""}
+        return self._meta(ref, filename, headers, loc, what, redirected=True)
+
+    def _meta(self, ref: RepoRef, filename: str, headers, url: str, what: str, redirected: bool = False) -> FileMeta:
         commit = headers.get("X-Repo-Commit")
         etag = (headers.get("X-Linked-Etag") or headers.get("ETag") or "").strip('"').removeprefix("W/").strip('"')
-        size = headers.get("X-Linked-Size") or headers.get("Content-Length")
+        size = headers.get("X-Linked-Size") or (None if redirected else headers.get("Content-Length"))
         if not commit or not etag or size is None or not size.isdigit():
             raise HubError(f"{what}: the hub's answer lacks X-Repo-Commit, ETag or the size; is HF_ENDPOINT "
                            f"({self.endpoint}) a Hugging Face hub?")
@@ -143,7 +180,7 @@ class HubClient:
                 try:
                     chunk = resp.read(CHUNK)
                 except (OSError, ValueError) as e:  # a dropped connection mid-body
-                    raise self._fail(f"{meta.repo_id}: {meta.filename}", e) from None
+                    raise self._fail(f"{meta.repo_id}: {meta.filename}", e, meta.url) from None
                 if not chunk:
                     return
                 self.bytes_received += len(chunk)
@@ -157,7 +194,7 @@ class HubClient:
         try:
             resp = self._get_opener.open(req, timeout=TIMEOUT_S)
         except (urllib.error.URLError, OSError) as e:
-            raise self._fail(f"{meta.repo_id}: {meta.filename}", e) from None
+            raise self._fail(f"{meta.repo_id}: {meta.filename}", e, meta.url) from None
         if (start or end is not None) and resp.status != 206:
             resp.close()
             raise HubError(f"{meta.repo_id}: {meta.filename}: the server ignored the byte range (HTTP {resp.status}); "
