@@ -11,10 +11,22 @@ import pytest
 
 from conftest import write_yaml
 from hub_helpers import _fresh_hub_memo, fake_hub, hub_env  # noqa: F401  (fixtures)
-from test_hub import _cli, _local_merge, _models_config, _serve, _shards, family  # noqa: F401  (family: a fixture)
+from test_hub import _cli, _models_config, _serve, _shards, family  # noqa: F401  (family: a fixture)
 
 
-def test_what_hf_hub_download_put_in_the_cache_merges_offline(capsys, tmp_path, family, fake_hub, monkeypatch):
+@pytest.fixture(scope="module")
+def local_shards(family, tmp_path_factory) -> dict[str, bytes]:
+    """The same merge from local paths, made once for the module."""
+    from streammerge.cli import main
+
+    tmp = tmp_path_factory.mktemp("local")
+    cfg = _models_config(tmp / "local.yml", str(family[0]), [str(e) for e in family[1]])
+    assert main(["run", str(cfg), str(tmp / "out"), "--no-progress", "--quiet"]) == 0
+    return _shards(tmp / "out")
+
+
+def test_what_hf_hub_download_put_in_the_cache_merges_offline(capsys, tmp_path, family, fake_hub, monkeypatch,
+                                                               local_shards):
     from huggingface_hub import hf_hub_download
 
     from fake_hub import FakeCDN
@@ -36,7 +48,7 @@ def test_what_hf_hub_download_put_in_the_cache_merges_offline(capsys, tmp_path, 
     rc, _, err = _cli(capsys, "run", str(cfg), str(tmp_path / "hub"), "--no-progress")
     assert rc == 0, err
     assert len(fake_hub.requests) == asked
-    assert _shards(tmp_path / "hub") == _local_merge(capsys, tmp_path, family)
+    assert _shards(tmp_path / "hub") == local_shards
 
 
 @pytest.fixture
@@ -53,7 +65,7 @@ def gated_hub_with_cdn(hub_env, monkeypatch):
 
 
 def test_lfs_files_redirected_to_a_cdn_are_read_and_fetched_without_the_token(capsys, tmp_path, family,
-                                                                               gated_hub_with_cdn):
+                                                                               gated_hub_with_cdn, local_shards):
     hub, cdn = gated_hub_with_cdn
     ids = _serve(hub, family)
     cfg = _models_config(tmp_path / "hub.yml", ids[0], ids[1:])
@@ -65,7 +77,7 @@ def test_lfs_files_redirected_to_a_cdn_are_read_and_fetched_without_the_token(ca
     rc, _, err = _cli(capsys, "run", str(cfg), str(tmp_path / "hub"), "--no-progress")
     assert rc == 0, err
     assert cdn.auth_seen == [], "the hub token reached the CDN"
-    assert _shards(tmp_path / "hub") == _local_merge(capsys, tmp_path, family)
+    assert _shards(tmp_path / "hub") == local_shards
 
 
 def test_an_expired_cdn_link_is_not_blamed_on_the_token(capsys, tmp_path, family, gated_hub_with_cdn):
@@ -78,7 +90,7 @@ def test_an_expired_cdn_link_is_not_blamed_on_the_token(capsys, tmp_path, family
     assert "token is not valid" not in text and "hf_only_for_the_hub" not in out + err
 
 
-def test_a_renamed_repository_resolves_through_its_redirect(capsys, tmp_path, family, fake_hub):
+def test_a_renamed_repository_resolves_through_its_redirect(capsys, tmp_path, family, fake_hub, local_shards):
     ids = _serve(fake_hub, family)
     fake_hub.repos["new-org/base"] = fake_hub.repos.pop(ids[0])
     fake_hub.renamed[ids[0]] = "new-org/base"
@@ -88,7 +100,7 @@ def test_a_renamed_repository_resolves_through_its_redirect(capsys, tmp_path, fa
     assert any(path.startswith("/new-org/base/resolve/") for _, path in fake_hub.requests)
     rc, _, err = _cli(capsys, "run", str(cfg), str(tmp_path / "hub"), "--no-progress")
     assert rc == 0, err
-    assert _shards(tmp_path / "hub") == _local_merge(capsys, tmp_path, family)
+    assert _shards(tmp_path / "hub") == local_shards
 
 
 @pytest.mark.parametrize("token", [None, "hf_valid"])
