@@ -200,6 +200,13 @@ class FakeCDN:
             h.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
         h.send_header("Content-Length", str(end - start + 1))
         h.end_headers()
-        if body:
-            h.wfile.write(data[start:end + 1])
-            hub.served[key] += end - start + 1
+        if not body:
+            return
+        cut = hub.drop_after.pop(key, None)
+        chunk = data[start:end + 1] if cut is None else data[start:start + cut]
+        h.wfile.write(chunk)
+        hub.served[key] += len(chunk)
+        if cut is not None:
+            h.wfile.flush()
+            h.close_connection = True
+            h.connection.shutdown(2)

@@ -80,6 +80,24 @@ def test_lfs_files_redirected_to_a_cdn_are_read_and_fetched_without_the_token(ca
     assert _shards(tmp_path / "hub") == local_shards
 
 
+def test_a_download_cut_at_the_cdn_resumes_there_by_range(capsys, tmp_path, family, gated_hub_with_cdn, local_shards):
+    hub, cdn = gated_hub_with_cdn
+    ids = _serve(hub, family)
+    shard = sorted(p.name for p in family[0].glob("*.safetensors"))[0]
+    key, size = f"{ids[0]}/{shard}", (family[0] / shard).stat().st_size
+    cfg = _models_config(tmp_path / "hub.yml", ids[0], ids[1:])
+    assert _cli(capsys, "check", str(cfg))[0] == 0
+    hub.drop_after[key] = 2000
+    before = hub.served[key]
+    rc, _, err = _cli(capsys, "run", str(cfg), str(tmp_path / "hub"), "--no-progress")
+    assert rc == 1 and "stopped after" in err and shard in err and "hf_only_for_the_hub" not in err, err
+    cut_at = hub.served[key]
+    rc, _, err = _cli(capsys, "run", str(cfg), str(tmp_path / "hub"), "--no-progress")
+    assert rc == 0, err
+    assert cut_at - before <= 2000 and hub.served[key] - cut_at == size - (cut_at - before) and cdn.auth_seen == []
+    assert _shards(tmp_path / "hub") == local_shards
+
+
 def test_an_expired_cdn_link_is_not_blamed_on_the_token(capsys, tmp_path, family, gated_hub_with_cdn):
     hub, cdn = gated_hub_with_cdn
     ids = _serve(hub, family)
