@@ -278,7 +278,19 @@ def machine() -> str:
         mem = f"{kb / (1 << 20):.1f} GiB RAM"
     except (OSError, AttributeError):
         pass
-    return f"{os.cpu_count()} CPUs ({cpu}), {mem}, {platform.system()} {platform.release()}"
+    from cpu_info import isa   # scripts/: the ISA heads every table (AVX2 and AVX-512 differ a lot)
+
+    target = os.environ.get("NUMBA_CPU_NAME")
+    jit = f", numba target {target}" if target else ""
+    return f"{os.cpu_count()} CPUs ({cpu}), ISA {isa()}{jit}, {mem}, {platform.system()} {platform.release()}"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _version(dist: str) -> str:
@@ -458,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
             f"\n### bench_merge — {now}\n",
             f"- command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`",
             f"- machine: {machine()}",
+            f"- commit: {_commit()}",
             f"- versions: python {platform.python_version()}, torch {_version('torch')}, "
             f"mergekit {_version('mergekit')}, streammerge {_version('streammerge')}",
             f"- data: synthetic `{args.preset}` ({spec.n_params / 1e9:.2f}B params, {spec.dtype}, "

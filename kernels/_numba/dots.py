@@ -10,7 +10,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from ._bits import as_f32, rnd
+from ._bits import as_f32, bf2f, rnd
 
 
 @nb.njit(inline="always", nogil=True, cache=True)
@@ -46,10 +46,43 @@ _TILE = 512   # elements of every model's difference formed at once: a multiple 
 
 
 @nb.njit(inline="always", nogil=True, cache=True)
-def _diff(x, b, shift):
-    """x - b as torch's subtraction in the inputs' dtype gives it (bf16: rounded from float32)."""
-    d = x - b
-    return rnd(d) if shift else d
+def _form(vk, xk, bk, mm, has_base, shift):
+    """One model's tile of v_k = x_k - base (or x_k). The dtype and base tests sit outside the element
+    loops: inside them (a per-element test) they kept the loops scalar on AVX2 (profile_isa.py)."""
+    if has_base and shift:
+        for j in range(mm):
+            vk[j] = rnd(bf2f(xk[j]) - bf2f(bk[j]))
+    elif has_base:
+        for j in range(mm):
+            vk[j] = _dec(xk[j], shift) - _dec(bk[j], shift)
+    else:
+        for j in range(mm):
+            vk[j] = _dec(xk[j], shift)
+
+
+@nb.njit(inline="always", nogil=True, cache=True)
+def _accumulate(ap, a, b, whole, mm, rp, shift):
+    """Lane sums of one pair's products over a tile, one loop per kind of product (see `_form`)."""
+    if rp and shift:
+        for c0 in range(0, whole, LANES):
+            x = a[c0:c0 + LANES]
+            y = b[c0:c0 + LANES]
+            for lane in range(LANES):
+                ap[lane] += np.float64(rnd(x[lane] * y[lane]))
+    elif rp:
+        for c0 in range(0, whole, LANES):
+            x = a[c0:c0 + LANES]
+            y = b[c0:c0 + LANES]
+            for lane in range(LANES):
+                ap[lane] += np.float64(x[lane] * y[lane])
+    else:
+        for c0 in range(0, whole, LANES):
+            x = a[c0:c0 + LANES]
+            y = b[c0:c0 + LANES]
+            for lane in range(LANES):
+                ap[lane] += np.float64(x[lane]) * np.float64(y[lane])
+    for c in range(whole, mm):
+        ap[c - whole] += _prod(a[c], b[c], rp, shift)
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")
@@ -72,28 +105,10 @@ def gram_segments(xs, base, has_base, pi, pj, rounded, shift, seg, out):
             for t0 in range(lo, hi, _TILE):
                 mm = min(_TILE, hi - t0)
                 for k in range(k_models):
-                    xk = xs[k][r][t0:t0 + mm]
-                    vk = v[k]
-                    if has_base:
-                        bk = br[t0:t0 + mm]
-                        for j in range(mm):
-                            vk[j] = _diff(_dec(xk[j], shift), _dec(bk[j], shift), shift)
-                    else:
-                        for j in range(mm):
-                            vk[j] = _dec(xk[j], shift)
+                    _form(v[k], xs[k][r][t0:t0 + mm], br[t0:t0 + mm], mm, has_base, shift)
                 whole = mm - mm % LANES
                 for p in range(n_pairs):
-                    a = v[pi[p]]
-                    b = v[pj[p]]
-                    ap = acc[p]
-                    rp = rounded[p]
-                    for c0 in range(0, whole, LANES):
-                        x = a[c0:c0 + LANES]
-                        y = b[c0:c0 + LANES]
-                        for lane in range(LANES):
-                            ap[lane] += _prod(x[lane], y[lane], rp, shift)
-                    for c in range(whole, mm):
-                        ap[c - whole] += _prod(a[c], b[c], rp, shift)
+                    _accumulate(acc[p], v[pi[p]], v[pj[p]], whole, mm, rounded[p], shift)
             for p in range(n_pairs):
                 out[p, r * nseg + s] = fold(acc[p])
 
