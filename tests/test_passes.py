@@ -57,6 +57,7 @@ def test_budget_trades_reads(wide_family, tmp_path):
     assert summary(low).startswith("at 1 GiB, ") and f"at {once >> 20} MiB, 1" in summary(low)
     at_once = api.check(cfg, max_memory=f"{once >> 20}MiB").plan     # the budget check names does it
     assert all(reads(t) == 1 for t in at_once.tensors)
+    assert all(p.peak_estimate <= p.budget for p in (low, high, at_once))   # one band still fits the budget
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ def print_plan(plan: Plan, console, diagnostics=None) -> None:
     passes = "; ".join(f"{' > '.join(p)}" + (f" x{n}" if len(shapes) > 1 else "") for p, n in shapes.items())
     console.print(f"[bold]tensors[/bold] {len(plan.tensors)} ({plan.out_layers} layers); passes per tensor: "
                   f"{plan.tensors[0].passes if plan.tensors else 0} ({passes or 'none'}); re-read for later passes: {multi}")
-    console.print(f"[bold]reads[/bold] {summary(plan)}")
+    console.print(f"[bold]reads[/bold]: {summary(plan)}")
     if plan.model_sweeps:
         console.print(f"[bold]whole-model sweeps[/bold] {plan.model_sweeps} before the per-tensor passes (scope: model)")
     kinds = Counter(t.out_dtype for t in plan.tensors)
