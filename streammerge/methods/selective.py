@@ -314,9 +314,9 @@ def _fusion_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any]
     per_row = f.numel() // f.shape[-1] if f.dim() else 1
     first = row0 * job.row_elems // f.shape[-1] if f.dim() >= 2 else 0
     kl = stats[0]["kl"][first:first + per_row].to(f.device).reshape(*f.shape[:-1], 1) if f.dim() else stats[0]["kl"][0]
-    imp = (f - b).abs() * kl
-    mask = (imp >= stats[0]["threshold"].to(imp.device)).float()
-    return b + (f - b) * mask
+    d = f - b   # once: the same bits as mergekit's two subtractions
+    mask = (d.abs() * kl >= stats[0]["threshold"].to(d.device)).float()
+    return b + d * mask
 
 
 ARCEE_FUSION = MethodSpec(
