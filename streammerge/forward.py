@@ -24,6 +24,7 @@ from .io.header import TensorInfo
 from .io.reader import ModelFiles, RowReader
 
 F32 = torch.float32
+MATMUL_ROWS = 64  # output rows per matmul: fixed, so the banding a budget picks never changes a result
 
 
 class LayerForward:
@@ -71,16 +72,19 @@ class LayerForward:
         """x @ W.T (+ b), W read in bands of output rows that fit `spare` bytes (stored + fp32 copy)."""
         info = self._info(self.arch.layer_tensor(layer, part + ".weight"))
         rows, cols = info.shape
-        per_row = cols * (info.itemsize + 4)
-        band = min(rows, spare // per_row)
-        if band < 1:
-            raise BudgetError(f"the gate forward: one row of {info.name!r} needs {per_row} bytes but the budget leaves "
-                              f"{max(spare, 0)} after the activations; raise --max-memory")
+        unit = min(rows, MATMUL_ROWS)
+        per_unit = unit * cols * (info.itemsize + 4)
+        if per_unit > spare:
+            raise BudgetError(f"the gate forward: {unit} rows of {info.name!r} need {per_unit} bytes but the budget "
+                              f"leaves {max(spare, 0)} after the activations; raise --max-memory")
+        band = unit * (spare // per_unit)  # rows read at once: whole matmul units, as many as fit
         out = torch.empty(*x.shape[:-1], rows, dtype=F32)
         for r0 in range(0, rows, band):
             r1 = min(rows, r0 + band)
             w = self.reader.read_rows(info, r0, r1).to(F32)
-            torch.matmul(x, w.T, out=out[..., r0:r1])
+            for u0 in range(r0, r1, unit):  # fixed units: the same products whatever the band, so any budget
+                u1 = min(r1, u0 + unit)     # gives the same bits
+                torch.matmul(x, w[u0 - r0:u1 - r0].T, out=out[..., u0:u1])
             del w
         bias = self.model.tensors.get(self.arch.layer_tensor(layer, part + ".bias"))
         if bias is not None:

@@ -140,7 +140,10 @@ def cheap_embed_gates(model: ModelFiles, arch: Arch, experts: list[Expert]) -> t
 
 def random_gates(layers: int, experts: int, hidden: int, mode: str, seed: int) -> torch.Tensor:
     """[layers, experts, hidden] from the Philox stream of the seed: the same gates on every run."""
-    from ..kernels.philox import philox_uniform, stream_id
+    from ..kernels.philox import philox_uniform_torch, stream_id  # a few MB of draws: no JIT compile for that
+
+    def philox_uniform(seed: int, stream: int, start: int, count: int) -> torch.Tensor:
+        return philox_uniform_torch(seed, stream, start, count, None)
 
     n = layers * experts * hidden
     stream = stream_id(0, f"moe.gates.{mode}")

@@ -99,6 +99,7 @@ def run_moe(config_path: str | os.PathLike, out: str | os.PathLike, options: Run
     """Build the MoE `config_path` describes into `out`; returns the run report."""
     from .. import execute  # noqa: F401  torch first: it is part of the baseline the plan measures
     from ..merge import execute_plan, plan_fingerprint, prepare_out_dir, resolve_device, with_gpu_budget
+    from ..pipeline import bound_malloc
 
     options = with_gpu_budget(options or RunOptions())
     t0 = time.perf_counter()
@@ -107,6 +108,7 @@ def run_moe(config_path: str | os.PathLike, out: str | os.PathLike, options: Run
     inp = open_moe(cfg, Path(config_path).resolve().parent)
     build_moe_plan(inp, options, None)  # budget and shape problems before the gate forward
     device = resolve_device(options.device)
+    bound_malloc()  # before the gate forward too: freed bands go back to the OS
     gates = open_gates(write_gates(inp, options))
     plan = build_moe_plan(inp, options, gates)
     out = Path(out)

@@ -65,6 +65,8 @@ def test_mixtral_slots_gates_load_and_route(moe_family, tmp_path, mode):
     ref = dense_gates(base, [(e["positive_prompts"], e.get("negative_prompts")) for e in doc["experts"]], mode)
     for i in range(3):
         torch.testing.assert_close(got[f"model.layers.{i}.block_sparse_moe.gate.weight"], ref[i], atol=2e-5, rtol=1e-4)
+    if mode != "hidden":
+        return  # loading and routing: once is enough
 
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert type(model).__name__ == "MixtralForCausalLM"
@@ -77,7 +79,7 @@ def test_mixtral_slots_gates_load_and_route(moe_family, tmp_path, mode):
         with torch.no_grad():
             emb = model.model.embed_tokens(enc["input_ids"])[0, -1]
         logits = got["model.layers.0.block_sparse_moe.gate.weight"] @ emb
-        if mode == "hidden" and not e.get("negative_prompts"):
+        if not e.get("negative_prompts"):
             assert int(logits.argmax()) == j
         with torch.no_grad():
             gen = model.generate(enc["input_ids"], max_new_tokens=3, do_sample=False)
