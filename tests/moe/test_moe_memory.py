@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from streammerge.arch import infer_arch
@@ -52,6 +53,7 @@ print(json.dumps({"delta": peak[0] - rss0}))
 """
 
 
+@pytest.mark.slow  # a subprocess and a 6-layer model: about 15 s on 2 cores
 def test_gate_forward_peak_within_budget_and_same_gates_at_every_budget(tmp_path):
     base, _ = make_family(tmp_path / "fam", SPEC, 1, seed=3)
     budget = 1 << 20
