@@ -78,14 +78,16 @@ class LayerForward:
             raise BudgetError(f"the gate forward: {unit} rows of {info.name!r} need {per_unit} bytes but the budget "
                               f"leaves {max(spare, 0)} after the activations; raise --max-memory")
         band = unit * (spare // per_unit)  # rows read at once: whole matmul units, as many as fit
-        out = torch.empty(*x.shape[:-1], rows, dtype=F32)
+        flat = x.reshape(-1, cols)
+        out = torch.empty(flat.shape[0], rows, dtype=F32)
         for r0 in range(0, rows, band):
             r1 = min(rows, r0 + band)
             w = self.reader.read_rows(info, r0, r1).to(F32)
             for u0 in range(r0, r1, unit):  # fixed units: the same products whatever the band, so any budget
-                u1 = min(r1, u0 + unit)     # gives the same bits
-                torch.matmul(x, w[u0 - r0:u1 - r0].T, out=out[..., u0:u1])
+                u1 = min(r1, u0 + unit)     # gives the same bits (a product into a strided `out=` is slow)
+                out[:, u0:u1] = flat @ w[u0 - r0:u1 - r0].T
             del w
+        out = out.view(*x.shape[:-1], rows)
         bias = self.model.tensors.get(self.arch.layer_tensor(layer, part + ".bias"))
         if bias is not None:
             out += self.reader.read_rows(bias, 0, 1).to(F32).reshape(-1)

@@ -105,6 +105,9 @@ def hidden_gates(model: ModelFiles, arch: Arch, experts: list[Expert], mode: str
     ids, mask = tokenize(model.path, prompts)
     fwd = LayerForward(model, arch, budget)
     out = torch.empty(arch.num_layers, len(experts), fwd.hidden)
+    threads = torch.get_num_threads()
+    # a few dozen tokens make each product tiny: one thread, no thread-team barriers (5x faster on 2 cores)
+    torch.set_num_threads(1)
     try:
         for i, x in enumerate(fwd.layer_inputs(ids, mask, arch.num_layers)):
             pooled = _pool(x, mask, mode)
@@ -114,6 +117,7 @@ def hidden_gates(model: ModelFiles, arch: Arch, experts: list[Expert], mode: str
                     v = v - pooled[neg].mean(0)
                 out[i, j] = _unit(v)
     finally:
+        torch.set_num_threads(threads)
         fwd.close()
     return out
 

@@ -23,6 +23,7 @@ SPEC = SynthSpec(hidden=64, intermediate=96, layers=3, vocab=128, heads=4, kv_he
 
 def train_tokenizer(folder: Path) -> None:
     """A real BPE tokenizer (<unk> <s> </s> first, as Llama numbers them), tokenizer_config with bos <s>."""
+    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
