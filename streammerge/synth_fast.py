@@ -92,16 +92,14 @@ def write_checkpoint_fast(
         raise ValueError(f"shard_size: expected a positive byte count, got {shard_size}")
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise OutputError(f"synthetic checkpoint {path}: already exists and is not empty; pass overwrite=True")
-    pools = (_pool(seed, 0), _pool(seed, 1) if noise is not None else None)
-    return _write(path, spec, seed, model_index, noise, shard_size, pools)
+    return _write(path, spec, seed, model_index, noise, shard_size, _Pools(seed, noise, _TORCH_DTYPES[spec.dtype]))
 
 
 def _write(path: Path, spec: SynthSpec, seed: int, model_index: int, noise: float | None, shard_size: int,
-           pools: tuple[torch.Tensor, torch.Tensor | None]) -> Path:
+           pools: _Pools) -> Path:
     shapes = tensor_shapes(spec)
     dtype = _TORCH_DTYPES[spec.dtype]
     shards = plan_shards(shapes, DTYPE_SIZES[spec.dtype], shard_size)
-    base_pool, noise_pool = pools
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -114,7 +112,7 @@ def _write(path: Path, spec: SynthSpec, seed: int, model_index: int, noise: floa
             with open(tmp / fname, "wb", buffering=0) as f:
                 f.write(_header(names, spec.dtype))
                 for idx in members:
-                    _write_tensor(f, shapes[idx][1], idx, seed, model_index, noise, base_pool, noise_pool, dtype)
+                    _write_tensor(f, shapes[idx][1], idx, seed, model_index, pools, noise is not None, dtype)
                     weight_map[shapes[idx][0]] = fname
         if len(shards) > 1:
             total = sum(numel(s) for _, s in shapes) * DTYPE_SIZES[spec.dtype]
@@ -132,17 +130,37 @@ def _write(path: Path, spec: SynthSpec, seed: int, model_index: int, noise: floa
     return path
 
 
-def _write_tensor(f, shape, idx, seed, model_index, noise, base_pool, noise_pool, dtype) -> None:
+class _Pools:
+    """The family's pools, scaled once: ``base`` = 0.02 N(0, 1), ``rounded`` = the same in the
+    checkpoint's dtype (as fp32, so an expert is one add and one cast), ``noise`` = noise * N(0, 1)."""
+
+    def __init__(self, seed: int, noise: float | None, dtype: torch.dtype) -> None:
+        self.base = _pool(seed, 0).mul_(_BASE_STD)
+        self.rounded = self.base.to(dtype).float() if dtype != torch.float32 else self.base
+        self.noise = _pool(seed, 1).mul_(noise) if noise is not None else None
+
+
+def _write_tensor(f, shape, idx: int, seed: int, model_index: int, pools: _Pools, noise: bool,
+                  dtype: torch.dtype) -> None:
     n = numel(shape)
-    mean = 1.0 if len(shape) == 1 else 0.0
+    vector = len(shape) == 1   # norm weights: 1 + 0.02 N(0, 1)
     base_off = _key(seed, idx, 0) % _PERIOD
     noise_off = _key(seed, idx, 1, model_index) % _PERIOD
+    work = torch.empty(min(_BLOCK, n), dtype=torch.float32)
+    out = torch.empty(min(_BLOCK, n), dtype=dtype)
     for start in range(0, n, _BLOCK):
         m = min(_BLOCK, n - start)
-        block = (_window(base_pool, base_off, start, m) * _BASE_STD + mean).to(dtype)
-        if noise_pool is not None:
-            block = (block.float() + _window(noise_pool, noise_off, start, m) * noise).to(dtype)
-        f.write(block.view(torch.int16 if dtype.itemsize == 2 else torch.int32).numpy().data)
+        o, w = out[:m], work[:m]
+        if vector:
+            base = (_window(pools.base, base_off, start, m) + 1.0).to(dtype).float()
+        else:
+            base = _window(pools.rounded, base_off, start, m)
+        if noise:
+            torch.add(base, _window(pools.noise, noise_off, start, m), out=w)
+            o.copy_(w)
+        else:
+            o.copy_(base)
+        f.write(o.view(torch.int16 if dtype.itemsize == 2 else torch.int32).numpy().data)
 
 
 def is_complete_fast(path: str | os.PathLike[str], spec: SynthSpec, seed: int, *, model_index: int = 0,
@@ -177,7 +195,7 @@ def make_family_fast(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     out = []
-    pools: list[torch.Tensor] = []   # drawn once for the family (the pools depend on the seed alone)
+    pools: list[_Pools] = []   # drawn once for the family (they depend on the seed, noise and dtype alone)
     for i in range(n_experts + 1):
         path = root / ("base" if i == 0 else f"expert_{i}")
         args = dict(model_index=i, noise=None if i == 0 else noise, shard_size=shard_size)
@@ -185,7 +203,7 @@ def make_family_fast(
             if path.exists() and not (overwrite or reuse) and (not path.is_dir() or any(path.iterdir())):
                 raise OutputError(f"synthetic checkpoint {path}: already exists and is not empty; pass overwrite=True")
             if not pools:
-                pools += [_pool(seed, 0), _pool(seed, 1)]
-            _write(path, spec, seed, i, args["noise"], shard_size, (pools[0], pools[1] if i else None))
+                pools.append(_Pools(seed, noise, _TORCH_DTYPES[spec.dtype]))
+            _write(path, spec, seed, i, args["noise"], shard_size, pools[0])
         out.append(path)
     return out[0], out[1:]
