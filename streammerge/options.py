@@ -272,6 +272,11 @@ class RunOptions:
             value, bounds = getattr(self, f.name), f.metadata.get("range")
             if bounds is not None and not (value is None and f.default is None):
                 check_int(value, f"RunOptions.{f.name}", *bounds)
+        if self.backend not in ("local", "ray"):
+            raise ConfigError(f"--backend: {shown(self.backend)}: use local or ray")
+        if self.ray_address is not None and self.backend != "ray":
+            raise ConfigError("--address names a Ray cluster, which only --backend ray uses; add --backend ray or "
+                              "leave --address out")
 
     def budget(self) -> int:
         return self.max_memory or default_max_memory()

@@ -43,35 +43,22 @@ def _connect(ray, address: str | None) -> None:
                           "check --address / RAY_ADDRESS, or run with --backend local") from None
 
 
-def _shard_task(plan_json: str, out: str, index: int, device: str, prefetch: int, check_nonfinite: bool,
+def _shard_task(plan_json: str, cwd: str, out: str, index: int, device: str, prefetch: int, check_nonfinite: bool,
                 durable: bool):
-    """One shard, in a Ray worker: (its ShardReport, the non-finite tensors it found)."""
+    """One shard, in a Ray worker: (its ShardReport, the non-finite tensors it found). The driver's working
+    folder is this task's too, so a config's relative model paths name the same files on every node."""
     import torch
 
     from .execute import Executor
     from .plan.serialize import plan_from_json
 
+    os.chdir(cwd)
     plan = plan_from_json(plan_json)
     others = frozenset(range(len(plan.shards))) - {index}
     ex = Executor(plan, out_dir=Path(out), device=torch.device(device), prefetch=prefetch, skip_shards=others,
-                  check_nonfinite=check_nonfinite, durable=durable,
-                  on_progress=_fault_after_first_band(index) if os.environ.get("STREAMMERGE_RAY_FAULT") else None)
+                  check_nonfinite=check_nonfinite, durable=durable)
     result = ex.run()
     return result.shards[index], result.nonfinite
-
-
-def _fault_after_first_band(index: int) -> Callable[[int], None] | None:
-    """STREAMMERGE_RAY_FAULT=SHARD:MARKER: the first attempt at SHARD exits the worker after its first
-    band is computed (MARKER records that it did), as a machine lost mid-shard would."""
-    shard, _, marker = os.environ["STREAMMERGE_RAY_FAULT"].partition(":")
-    if int(shard) != index or os.path.exists(marker):
-        return None
-
-    def die(_n: int) -> None:
-        Path(marker).write_text("died once\n")
-        os._exit(1)
-
-    return die
 
 
 def ray_shards(plan: Plan, out: Path, device, options: RunOptions, skip: frozenset[int],
@@ -87,7 +74,7 @@ def ray_shards(plan: Plan, out: Path, device, options: RunOptions, skip: frozens
     task = ray.remote(_shard_task).options(num_cpus=1, memory=max(plan.peak_estimate, 1), max_retries=MAX_RETRIES,
                                            retry_exceptions=False)
     stats = [ShardReport(s.filename, skipped=i in skip) for i, s in enumerate(plan.shards)]
-    pending = {task.remote(plan_ref, str(Path(out).resolve()), i, device.type, options.prefetch,
+    pending = {task.remote(plan_ref, os.getcwd(), str(Path(out).resolve()), i, device.type, options.prefetch,
                            options.check_nonfinite, options.fsync): i
                for i in range(len(plan.shards)) if i not in skip}
     nonfinite: list[str] = []
