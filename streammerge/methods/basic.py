@@ -46,14 +46,36 @@ LINEAR = MethodSpec(
 # -- passthrough ------------------------------------------------------------------------------------
 
 def _passthrough_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
+    out = chunks[0]
+    noise = job.model_params[0].get("noise")
+    if noise:
+        out = out + (gaussian_noise(job, row0, out) * noise).to(out.dtype)
     scale = job.model_params[0].get("scale")
-    return chunks[0] if scale is None else chunks[0] * scale
+    return out if scale is None else out * scale
+
+
+def gaussian_noise(job: TensorJob, row0: int, like: torch.Tensor) -> torch.Tensor:
+    """N(0, 1) values for the elements of `like` (the band at row `row0`), a pure function of the seed, the
+    model, the tensor name and the element (Box-Muller on two Philox streams): the same at any chunking."""
+    import torch
+
+    from ..kernels.philox import philox_uniform, stream_id
+
+    start, count = row0 * job.row_elems, like.numel()
+    seed = job.seed % (1 << 64)
+    u1 = philox_uniform(seed, stream_id(job.model_ids[0], "noise-r:" + job.name), start, count, like.device)
+    u2 = philox_uniform(seed, stream_id(job.model_ids[0], "noise-a:" + job.name), start, count, like.device)
+    z = torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos(u2 * (2 * math.pi))
+    return z.view(like.shape)
 
 
 PASSTHROUGH = MethodSpec(
     name="passthrough",
     map=_passthrough_map,
-    params=(Param("scale", None, per_model=True, doc="optional factor applied to the tensor"),),
+    params=(Param("scale", None, per_model=True, doc="optional factor applied to the tensor"),
+            Param("noise", None, per_model=True,
+                  doc="standard deviation of Gaussian noise added before the scale (streammerge moe's noise_scale); "
+                      "reproducible: keyed by --random-seed, the tensor and the element"),),
     base="ignored",
     min_models=1,
     max_models=1,

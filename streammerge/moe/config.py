@@ -4,7 +4,7 @@ The schema: `base_model`, `experts: [{source_model, positive_prompts, negative_p
 residual_scale}]`, `gate_mode`, `dtype`, `experts_per_token`, `shared_experts`, `architecture`. The
 checks are mergekit's `is_bad_config` (at least `experts_per_token` experts, prompts for every expert
 unless the gates are random, prompts not all the same) made into errors, plus what we do not
-implement (noise_scale, DeepSeek outputs), which is refused rather than silently dropped.
+implement (DeepSeek outputs), which is refused rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -99,9 +99,8 @@ def validate(cfg: MoEConfig, source: str = "config") -> None:
                         "use mixtral or qwen (Qwen2-MoE), or leave it out to choose automatically")
     prompted = cfg.gate_mode in PROMPTED
     for where, e in cfg.all_experts():
-        if e.noise_scale is not None:
-            problems.append(f"{where}.noise_scale: adding noise to expert weights is not implemented in streammerge; "
-                            "remove noise_scale (the weights are then copied exactly)")
+        if e.noise_scale is not None and not (isinstance(e.noise_scale, (int, float)) and 0 <= e.noise_scale < 1e3):
+            problems.append(f"{where}.noise_scale: {e.noise_scale!r}: give a standard deviation >= 0")
         if prompted and not e.positive_prompts and not where.startswith("shared"):
             problems.append(f"{where}.positive_prompts: gate_mode {cfg.gate_mode} computes each router row from its "
                             f"expert's prompts, and {clip(e.source_model)} has none; add positive_prompts (or use "

@@ -28,6 +28,7 @@ class Copy:
     model: str
     in_name: str
     scale: float | None = None
+    noise: float | None = None        # the expert's noise_scale: N(0, noise²) added before the scale
 
 
 def choose(cfg: MoEConfig, model_types: dict[str, str]) -> tuple[str, str]:
@@ -77,12 +78,13 @@ def expert_copies(arch: str, cfg: MoEConfig, layer: int, prefix: str = "model.la
                 name = f"model.layers.{layer}.block_sparse_moe.experts.{j}.{MIXTRAL_SLOT[part]}.weight"
             else:
                 name = f"model.layers.{layer}.mlp.experts.{j}.{part}.weight"
-            out.append(Copy(name, e.source_model, src, scale))
+            out.append(Copy(name, e.source_model, src, scale, e.noise_scale))
     if arch == "qwen":
         e = cfg.shared_experts[0]  # type: ignore[index]
         for part in MLP_PARTS:
             out.append(Copy(f"model.layers.{layer}.mlp.shared_expert.{part}.weight", e.source_model,
-                            f"{prefix}.{layer}.mlp.{part}.weight", e.residual_scale if part == "down_proj" else None))
+                            f"{prefix}.{layer}.mlp.{part}.weight", e.residual_scale if part == "down_proj" else None,
+                            e.noise_scale))
     return out
 
 

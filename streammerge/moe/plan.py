@@ -171,7 +171,8 @@ def build_moe_plan(inp: MoEInputs, options: RunOptions, gates: ModelFiles | None
         tensors.append(TensorPlan(
             name=c.out_name, shape=tuple(info.shape), out_dtype=inp.out_dtype, compute_dtype=info.dtype,
             inputs=(Source(index[c.model], info),), base=None, params=(),
-            model_params=((("scale", c.scale),),), kind=inp.base_arch.kind_of(c.out_name), passes=1, rows=rows,
+            model_params=((("scale", c.scale),) + ((("noise", c.noise),) if c.noise else ()),),
+            kind=inp.base_arch.kind_of(c.out_name), passes=1, rows=rows,
             row_elems=info.row_elems, rows_per_chunk=rpc, shard=-1, bytes_in=rows * info.row_bytes,
             bytes_out=math.prod(info.shape) * ITEMSIZE[inp.out_dtype], read_once=rules.read_once(rows, rpc)))
     sizes = {t.name: t.bytes_out for t in tensors}

@@ -123,3 +123,26 @@ def test_resume_and_shards(moe_family, tmp_path):
     (out / sorted(first)[-1]).unlink()  # as if interrupted before the last shard
     assert main(["moe", str(cfg), str(out), "--no-progress", "--quiet", "--out-shard-size", "200KiB", "--resume"]) == 0
     assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == first
+
+
+def test_noise_scale_adds_reproducible_gaussian_noise_to_the_expert_weights(moe_family, tmp_path):
+    """mergekit adds N(0, noise_scale²) to each of the expert's MLP tensors, then residual_scale; ours is drawn
+    from the counter-based generator keyed by --random-seed, so the same seed gives the same bytes at any
+    chunking, another seed other noise."""
+    base, experts = moe_family
+    doc = moe_config(base, experts, 2, gate_mode="random")
+    doc["experts"][1].update(noise_scale=0.01, residual_scale=0.5)
+    _, out = build(tmp_path, doc, "a", "--random-seed", "3")
+    _, again = build(tmp_path, doc, "b", "--random-seed", "3", "--chunk-rows", "7")
+    _, other = build(tmp_path, doc, "c", "--random-seed", "4")
+    got, same, diff = load_dir(out), load_dir(again), load_dir(other)
+    src = [load_dir(e) for e in experts[:2]]
+    for i in range(3):
+        for part, slot in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
+            name = f"model.layers.{i}.block_sparse_moe.experts.{{}}.{slot}.weight"
+            assert torch.equal(got[name.format(0)], src[0][f"model.layers.{i}.mlp.{part}.weight"])  # no noise asked
+            assert torch.equal(got[name.format(1)], same[name.format(1)])
+            assert not torch.equal(got[name.format(1)], diff[name.format(1)])
+            s1 = src[1][f"model.layers.{i}.mlp.{part}.weight"].float()
+            noise = got[name.format(1)].float() / (0.5 if part == "down_proj" else 1.0) - s1
+            assert abs(noise.mean().item()) < 2e-3 and 0.008 < noise.std().item() < 0.012, (part, noise.std())

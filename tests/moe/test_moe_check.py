@@ -79,9 +79,9 @@ def test_more_experts_per_token_than_experts(moe_family, tmp_path, capsys):
 def test_refused_settings_are_errors(moe_family, tmp_path, capsys):
     base, experts = moe_family
     doc = moe_config(base, experts, 2)
-    doc["experts"][0]["noise_scale"] = 0.01
+    doc["experts"][0]["noise_scale"] = -0.01
     code, _, err = check(tmp_path, doc, capsys)
-    assert code == 1 and "noise_scale" in err and "not implemented" in err
+    assert code == 1 and "noise_scale" in err and "standard deviation" in err
     code, _, err = check(tmp_path, moe_config(base, experts, 2, architecture="deepseek"), capsys)
     assert code == 1 and "DeepSeek-style outputs are not implemented" in err
     doc = moe_config(base, experts, 2)
