@@ -98,3 +98,26 @@ def no_hang(seconds: float, what: str):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="session")
+def _fresh_process_rss() -> int:
+    import subprocess
+
+    code = "import psutil, torch, streammerge.merge; print(psutil.Process().memory_info().rss)"
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              timeout=300).stdout.split()[-1])
+
+
+@pytest.fixture
+def fresh_baseline(monkeypatch, _fresh_process_rss):
+    """Plan in this process as a fresh `streammerge` process would. The planner takes the process's own
+    resident memory as its baseline, and a test process late in the suite (mergekit, transformers and
+    every earlier test loaded) holds far more than a CLI run does, so budgets near the floor would plan
+    differently depending on which tests ran first."""
+    from streammerge.plan import budget
+
+    def baseline(method: str = "", device: str = "cpu") -> int:
+        return _fresh_process_rss + (budget.numba_rss(method, device) if method else 0)
+
+    monkeypatch.setattr(budget, "baseline_rss", baseline)

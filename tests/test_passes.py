@@ -41,7 +41,7 @@ def wide_family(tmp_path_factory) -> tuple[Path, list[Path]]:
     return synth.make_family(tmp_path_factory.mktemp("wide"), spec, 2, seed=3, shard_size=24 << 20)
 
 
-def test_budget_trades_reads(wide_family, tmp_path):
+def test_budget_trades_reads(wide_family, tmp_path, fresh_baseline):
     base, experts = wide_family
     cfg = _ties(tmp_path, base, experts)
     low = api.check(cfg, max_memory="1GiB").plan

@@ -107,7 +107,7 @@ def test_fast_writer_is_deterministic_and_reused(slab_family, tmp_path):
 
 # -- the slab merges under a small budget -----------------------------------------------------------
 
-BUDGET_MIB = 600   # 512 MiB of process baseline (Python, torch, numba) + 88 MiB of bands
+BUDGET_MIB = 600   # a fresh process's baseline (Python, torch, numba: 300-500 MiB) + the bands
 STATED_OVERHEAD = 64 << 20   # = tests/e2e/test_memory.py's tolerance: thread stacks, allocator slack
 
 
@@ -124,7 +124,7 @@ def _cli(*argv: str) -> tuple[int, str, int]:
     return r.returncode, r.stdout + r.stderr, hwm
 
 
-def test_the_slab_merges_in_bands_within_its_budget(slab_family, tmp_path):
+def test_the_slab_merges_in_bands_within_its_budget(slab_family, tmp_path, fresh_baseline):
     from streammerge import RunOptions
     from streammerge.merge import check
 
@@ -139,7 +139,7 @@ def test_the_slab_merges_in_bands_within_its_budget(slab_family, tmp_path):
     except ImportError:
         plot = []
     emb = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
-    assert emb.rows_per_chunk * 3 <= emb.rows, (emb.rows_per_chunk, emb.rows)   # several bands wide
+    assert emb.rows_per_chunk < emb.rows, (emb.rows_per_chunk, emb.rows)   # two bands wide or more
     rc, out, peak = _cli("run", str(cfg), str(tmp_path / "out"), "--max-memory", f"{BUDGET_MIB}MiB", "--no-progress",
                          "--report", str(tmp_path / "r.json"), *plot)
     assert rc == 0, out
