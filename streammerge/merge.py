@@ -286,10 +286,16 @@ def _finish_folder(out: Path, plan: Plan, config: MergeConfig, config_text: str,
                               config.model_dump(mode="json", exclude_none=True))
     if plan.out_config is not None:
         checkpoint.write_config(out, plan.out_config)
-    if options.fsync:
+    commit_index(out, plan, options.fsync)
+
+
+def commit_index(out: Path, plan: Plan, fsync: bool) -> None:
+    """The last step of a merge folder: fsync what is there, then the index (sharded outputs), fsynced,
+    so a loader never finds an index before the files it names."""
+    if fsync:
         fsync_dir(out)
     if len(plan.shards) > 1:
         weight_map = {name: s.filename for s in plan.shards for name in s.tensors}
         checkpoint.write_index(out, weight_map, sum(s.nbytes for s in plan.shards))
-        if options.fsync:
+        if fsync:
             fsync_dir(out)

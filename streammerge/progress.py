@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from .options import RunOptions
 from .report import RunReport
 
 
-def run_with_progress(config_path: str | os.PathLike, out: str | os.PathLike, options: RunOptions, console, *,
-                      config_text: str | None = None) -> RunReport:
+@contextmanager
+def merge_progress(console, show: bool, label: str | None = None
+                   ) -> Iterator[tuple[Callable[[object], None], Callable[[int], None]]]:
+    """The `on_start(plan)` and `on_progress(nbytes)` callbacks of a merge, driving one byte bar named
+    `label` (default: the plan's method) on `console`; `on_start` also prints the plan's warnings."""
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
-    from .merge import run
-
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                        TimeRemainingColumn(), console=console, disable=not options.progress, transient=False)
+                        TimeRemainingColumn(), console=console, disable=not show, transient=False)
     state: dict = {}
 
     def on_start(plan) -> None:
-        total = plan.bytes_in
-        state["task"] = progress.add_task(f"{plan.method}", total=total)
+        state["task"] = progress.add_task(label or plan.method, total=plan.bytes_in)
         for w in plan.warnings:
             console.print(f"[yellow]warning:[/yellow] {w}")
 
@@ -30,4 +32,12 @@ def run_with_progress(config_path: str | os.PathLike, out: str | os.PathLike, op
             progress.advance(state["task"], n)
 
     with progress:
+        yield on_start, on_progress
+
+
+def run_with_progress(config_path: str | os.PathLike, out: str | os.PathLike, options: RunOptions, console, *,
+                      config_text: str | None = None) -> RunReport:
+    from .merge import run
+
+    with merge_progress(console, options.progress) as (on_start, on_progress):
         return run(config_path, out, options, on_start=on_start, on_progress=on_progress, config_text=config_text)

@@ -295,6 +295,11 @@ def write_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return commit_folder(tmp, path)
+
+
+def commit_folder(tmp: Path, path: Path) -> Path:
+    """The finished checkpoint built in `tmp` moved to `path`, replacing what was there (overwrite)."""
     if path.exists():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     os.replace(tmp, path)

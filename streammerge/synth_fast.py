@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from streammerge.errors import OutputError
-from streammerge.synth import MANIFEST_NAME, plan_shards, shard_name, write_side_files
+from streammerge.synth import MANIFEST_NAME, commit_folder, plan_shards, shard_name, write_side_files
 from streammerge.synth_spec import DTYPE_SIZES, SynthSpec, numel, tensor_shapes
 
 __all__ = ["is_complete_fast", "make_family_fast", "write_checkpoint_fast"]
@@ -124,10 +124,7 @@ def _write(path: Path, spec: SynthSpec, seed: int, model_index: int, noise: floa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    os.replace(tmp, path)
-    return path
+    return commit_folder(tmp, path)
 
 
 class _Pools:

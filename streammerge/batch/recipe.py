@@ -28,6 +28,7 @@ from ..yaml_limits import load_yaml_all
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,127}$")
 MAX_VARIANTS = 1024
+MODEL_KEYS = ("model", "base_model", "tokenizer_source", "path", "source")  # where a stage name may stand
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def _references(doc: Any, names: set[str]) -> set[str]:
         elif isinstance(node, list):
             for v in node:
                 walk(v, key)
-        elif isinstance(node, str) and key in ("model", "base_model", "tokenizer_source", "path", "source"):
+        elif isinstance(node, str) and key in MODEL_KEYS:
             if node.partition("@")[0] in names:
                 found.add(node.partition("@")[0])
 

@@ -22,9 +22,7 @@ from ..config import load_config_text
 from ..io.outdir import manifest_path
 from ..options import RunOptions
 from ..plan.ir import Plan
-from .recipe import Stage
-
-MODEL_KEYS = ("model", "base_model", "tokenizer_source", "path", "source")
+from .recipe import MODEL_KEYS, Stage
 
 
 @dataclass
@@ -45,8 +43,8 @@ class StageResult:
 
 
 def stage_text(stage: Stage, outputs: dict[str, Path]) -> str:
-    """The stage's config as run: earlier stages' names replaced by their output folders, no `name` key
-    change (the output folder documents which stage it is)."""
+    """The stage's config as run: earlier stages' names replaced by their output folders (its `name:`
+    stays, so the output folder's mergekit_config.yml says which stage it is)."""
 
     def walk(node: Any, key: str | None) -> Any:
         if isinstance(node, dict):
@@ -54,7 +52,7 @@ def stage_text(stage: Stage, outputs: dict[str, Path]) -> str:
         if isinstance(node, list):
             return [walk(v, key) for v in node]
         if isinstance(node, str) and key in MODEL_KEYS:
-            name, at, rev = node.partition("@")
+            name = node.partition("@")[0]
             if name in stage.needs:
                 return str(outputs[name].resolve())
         return node
@@ -80,6 +78,16 @@ def finished(out: Path, plan: Plan, fingerprint: str) -> bool | None:
     return not (plan.out_config is not None and not (out / "config.json").is_file())
 
 
+def _planned(recipe: Path, stage: Stage, outputs: dict[str, Path], options: RunOptions) -> tuple[str, bool | None]:
+    """The stage's config text as run, and `finished` of its folder for the plan that text makes now."""
+    from .. import merge
+
+    text = stage_text(stage, outputs)
+    plan = merge.check(recipe, options, config_text=text)
+    fingerprint = merge.plan_fingerprint(plan, load_config_text(text, f"{recipe}: {stage.name}"))
+    return text, finished(outputs[stage.name], plan, fingerprint)
+
+
 def run_stages(recipe: Path, stages: list[Stage], outdir: Path, options: RunOptions,
                on_stage: Callable[[Stage, str], None] = lambda s, status: None,
                run: Callable[..., Any] | None = None) -> list[StageResult]:
@@ -94,10 +102,8 @@ def run_stages(recipe: Path, stages: list[Stage], outdir: Path, options: RunOpti
     results = []
     for stage in stages:
         out = outputs[stage.name]
-        text = stage_text(stage, outputs)
-        plan = merge.check(recipe, options, config_text=text)
-        fingerprint = merge.plan_fingerprint(plan, load_config_text(text, f"{recipe}: {stage.name}"))
-        state = None if options.overwrite else finished(out, plan, fingerprint)
+        text, state = _planned(recipe, stage, outputs, options)
+        state = None if options.overwrite else state
         if state is True:
             on_stage(stage, "reused")
             results.append(StageResult(stage.name, str(out), "reused", needs=stage.needs))
@@ -117,8 +123,6 @@ def run_stages(recipe: Path, stages: list[Stage], outdir: Path, options: RunOpti
 def check_stages(recipe: Path, stages: list[Stage], outdir: Path, options: RunOptions) -> list[tuple[Stage, str]]:
     """Each stage's state without running anything: reuse / resume / build, or why it cannot be checked
     yet (it reads a stage not built). A stage whose inputs exist is planned, so its mistakes show now."""
-    from .. import merge
-
     outputs = {s.name: outdir / s.name for s in stages}
     rows = []
     for stage in stages:
@@ -126,9 +130,6 @@ def check_stages(recipe: Path, stages: list[Stage], outdir: Path, options: RunOp
         if pending:
             rows.append((stage, f"build (after {', '.join(pending)}; checked then)"))
             continue
-        text = stage_text(stage, outputs)
-        plan = merge.check(recipe, options, config_text=text)
-        fingerprint = merge.plan_fingerprint(plan, load_config_text(text, f"{recipe}: {stage.name}"))
-        state = finished(outputs[stage.name], plan, fingerprint)
+        _, state = _planned(recipe, stage, outputs, options)
         rows.append((stage, {True: "reuse (unchanged)", False: "resume"}.get(state, "build")))
     return rows

@@ -44,9 +44,8 @@ def check_moe_cli(args: argparse.Namespace, console) -> int:
 
 
 def _moe(args: argparse.Namespace, console) -> int:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
     from ..moe.run import run_moe
+    from ..progress import merge_progress
     from .commands import results_console
 
     if args.report and Path(args.report).absolute().parent != Path(args.out).absolute():
@@ -62,20 +61,7 @@ def _moe(args: argparse.Namespace, console) -> int:
         torch.set_num_threads(args.num_threads)
     as_run = argparse.Namespace(**{**vars(args), "command": "run"})  # run's flags, read as run reads them
     options = options_from_args(as_run, **({"progress": False} if args.quiet else {}))
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                        console=console, disable=not options.progress)
-    state: dict = {}
-
-    def on_start(plan) -> None:
-        state["task"] = progress.add_task("moe", total=plan.bytes_in)
-        for w in plan.warnings:
-            console.print(f"[yellow]warning:[/yellow] {w}")
-
-    def on_progress(n: int) -> None:
-        if "task" in state:
-            progress.advance(state["task"], n)
-
-    with progress:
+    with merge_progress(console, options.progress, "moe") as (on_start, on_progress):
         report = run_moe(args.config, args.out, options, on_start, on_progress)
     if not args.quiet:
         report.print(results_console(), console)

@@ -20,7 +20,6 @@ from pathlib import Path
 from ..config import read_config_text
 from ..io import card, checkpoint
 from ..io.header import FileStamp
-from ..io.writer import fsync_dir
 from ..options import RunOptions
 from ..plan.ir import Plan
 from ..report import RunReport, peak_rss_bytes
@@ -134,11 +133,7 @@ def _finish(out: Path, plan: Plan, cfg: MoEConfig, text: str, options: RunOption
         inputs = [card.describe_input(r, inp.models[r].path) for r in refs]
         card.write_model_card(out, text, f"moe ({inp.arch}, gate_mode {cfg.gate_mode})", inputs, cfg.base_model,
                               cfg.model_dump(mode="json", exclude_none=True))
+    from ..merge import commit_index
+
     checkpoint.write_config(out, plan.out_config or {})
-    if options.fsync:
-        fsync_dir(out)
-    if len(plan.shards) > 1:
-        weight_map = {name: s.filename for s in plan.shards for name in s.tensors}
-        checkpoint.write_index(out, weight_map, sum(s.nbytes for s in plan.shards))
-        if options.fsync:
-            fsync_dir(out)
+    commit_index(out, plan, options.fsync)

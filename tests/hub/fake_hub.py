@@ -103,11 +103,7 @@ class FakeHub:
             h.send_header("Content-Length", "0")  # the redirect's own body, not the file's size
             h.end_headers()
             return
-        start, end = 0, len(data) - 1
-        rng = h.headers.get("Range")
-        if rng:
-            a, _, b = rng.removeprefix("bytes=").partition("-")
-            start, end = int(a), min(int(b) if b else len(data) - 1, len(data) - 1)
+        rng, start, end = _byte_range(h, len(data))
         h.send_response(206 if rng else 200)
         h.send_header("X-Repo-Commit", commit)
         if filename.endswith(".safetensors"):  # an LFS file: its ETag is its sha256
@@ -188,11 +184,7 @@ class FakeCDN:
             h.end_headers()
             return
         key, data = self.blobs[sha]
-        start, end = 0, len(data) - 1
-        rng = h.headers.get("Range")
-        if rng:
-            a, _, b = rng.removeprefix("bytes=").partition("-")
-            start, end = int(a), min(int(b) if b else len(data) - 1, len(data) - 1)
+        rng, start, end = _byte_range(h, len(data))
         h.send_response(206 if rng else 200)
         h.send_header("ETag", f'"{sha}"')
         h.send_header("Accept-Ranges", "bytes")
@@ -210,3 +202,12 @@ class FakeCDN:
             h.wfile.flush()
             h.close_connection = True
             h.connection.shutdown(2)
+
+
+def _byte_range(h: BaseHTTPRequestHandler, size: int) -> tuple[str | None, int, int]:
+    """The request's Range header and the first and last byte it asks for (the whole file without one)."""
+    rng = h.headers.get("Range")
+    if not rng:
+        return None, 0, size - 1
+    a, _, b = rng.removeprefix("bytes=").partition("-")
+    return rng, int(a), min(int(b) if b else size - 1, size - 1)
