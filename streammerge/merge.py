@@ -224,7 +224,7 @@ def _run_locked(plan: Plan, config: MergeConfig, text: str, out: Path, fingerpri
                 options: RunOptions, t0: float, on_start: Callable[[Plan], None] | None,
                 on_progress: Callable[[int], None] | None) -> RunReport:
     plan, result, used = execute_plan(plan, out, fingerprint, device, options, on_start, on_progress)
-    _finish_folder(out, plan, config, text, options)
+    finish_folder(out, plan, config, text, options)
     return RunReport(method=plan.method, out_dir=str(out), seconds=time.perf_counter() - t0, peak_rss=peak_rss_bytes(),
                      budget=plan.budget, device=result.device, shards=result.shards, nonfinite_tensors=result.nonfinite,
                      warnings=list(plan.warnings), kernels=used)
@@ -238,24 +238,9 @@ def execute_plan(plan: Plan, out: Path, fingerprint: str, device: torch.device, 
     from .execute import Executor
     from .pipeline import bound_malloc
 
-    manifest_path = outdir.manifest_path(out)
-    skip, records, warnings = frozenset(), {}, []
-    if options.resume and manifest_path.exists():
-        skip, records, warnings = _finished_shards(out, fingerprint, plan)
-    manifest = {"fingerprint": fingerprint, "shards": records}
-    write_json_atomic(manifest_path, manifest)
-    if warnings:
-        plan = dataclasses.replace(plan, warnings=(*plan.warnings, *warnings))
+    plan, skip, shard_done = start_manifest(out, plan, fingerprint, options)
     if on_start:
         on_start(plan)
-
-    def shard_done(i: int, stats) -> None:
-        f = out / plan.shards[i].filename
-        # the executor's streamed checksum; read back only where it gives none
-        checksum = getattr(stats, "checksum", "") or file_digest(f)
-        manifest["shards"][plan.shards[i].filename] = {"size": f.stat().st_size, "checksum": checksum}
-        write_json_atomic(manifest_path, manifest)
-
     from .kernels import dispatch
 
     dispatch.reset()
@@ -271,7 +256,31 @@ def execute_plan(plan: Plan, out: Path, fingerprint: str, device: torch.device, 
     return plan, result, dispatch.used()
 
 
-def _finish_folder(out: Path, plan: Plan, config: MergeConfig, config_text: str, options: RunOptions) -> None:
+def start_manifest(out: Path, plan: Plan, fingerprint: str, options: RunOptions
+                   ) -> tuple[Plan, frozenset[int], Callable[[int, object], None]]:
+    """The manifest of a locked, prepared `out` at the start of its shards' writing: with --resume, the
+    shards kept (verified) and the plan with their warnings; returns (plan, kept shards, the callback
+    that records a finished shard). Shared by `execute_plan` and a batch's shared-read run."""
+    manifest_path = outdir.manifest_path(out)
+    skip, records, warnings = frozenset(), {}, []
+    if options.resume and manifest_path.exists():
+        skip, records, warnings = _finished_shards(out, fingerprint, plan)
+    manifest = {"fingerprint": fingerprint, "shards": records}
+    write_json_atomic(manifest_path, manifest)
+    if warnings:
+        plan = dataclasses.replace(plan, warnings=(*plan.warnings, *warnings))
+
+    def shard_done(i: int, stats) -> None:
+        f = out / plan.shards[i].filename
+        # the executor's streamed checksum; read back only where it gives none
+        checksum = getattr(stats, "checksum", "") or file_digest(f)
+        manifest["shards"][plan.shards[i].filename] = {"size": f.stat().st_size, "checksum": checksum}
+        write_json_atomic(manifest_path, manifest)
+
+    return plan, skip, shard_done
+
+
+def finish_folder(out: Path, plan: Plan, config: MergeConfig, config_text: str, options: RunOptions) -> None:
     """The files around the shards, from the config text the run planned from (never re-read); the
     folder is fsynced before the index goes in, and after, so a power loss keeps the commit order."""
     # mergekit saves the tokenizer a tokenizer_source builds even with --no-copy-tokenizer

@@ -35,6 +35,10 @@ class StageResult:
     bytes_written: int = 0
     peak_rss: int = 0
     needs: tuple[str, ...] = ()
+    bytes_shared: int = 0                 # of bytes_read, read once for an earlier stage of its wave
+    shared_with: tuple[str, ...] = ()     # the stages it was built with in one shared-read run
+    wave_bytes_read: int = 0              # that run's input bytes read from the files ...
+    wave_bytes_alone: int = 0             # ... and what its stages would read one after another
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -78,58 +82,145 @@ def finished(out: Path, plan: Plan, fingerprint: str) -> bool | None:
     return not (plan.out_config is not None and not (out / "config.json").is_file())
 
 
-def _planned(recipe: Path, stage: Stage, outputs: dict[str, Path], options: RunOptions) -> tuple[str, bool | None]:
-    """The stage's config text as run, and `finished` of its folder for the plan that text makes now."""
+def _planned(recipe: Path, stage: Stage, outputs: dict[str, Path], options: RunOptions
+             ) -> tuple[str, Plan, bool | None]:
+    """The stage's config text as run, its plan now, and `finished` of its folder for that plan."""
     from .. import merge
 
     text = stage_text(stage, outputs)
     plan = merge.check(recipe, options, config_text=text)
     fingerprint = merge.plan_fingerprint(plan, load_config_text(text, f"{recipe}: {stage.name}"))
-    return text, finished(outputs[stage.name], plan, fingerprint)
+    return text, plan, finished(outputs[stage.name], plan, fingerprint)
+
+
+def clusters(plans: list[Plan], can_share: list[bool]) -> list[list[int]]:
+    """Indices of `plans` in groups that read at least one input file in common (transitively): each
+    group of two or more (of those `can_share`) runs with shared reads, the rest alone."""
+    from .wave import input_files
+
+    parent = list(range(len(plans)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[str, int] = {}
+    for i, plan in enumerate(plans):
+        if not can_share[i]:
+            continue
+        for f in input_files(plan):
+            if f in owner:
+                parent[root(i)] = root(owner[f])
+            else:
+                owner[f] = i
+    found: dict[int, list[int]] = {}
+    for i in range(len(plans)):
+        found.setdefault(root(i), []).append(i)
+    return list(found.values())
+
+
+def _waves(stages: list[Stage]) -> list[list[Stage]]:
+    """The stages in waves: each wave's stages read only stages of earlier waves."""
+    done: set[str] = set()
+    waves, left = [], list(stages)
+    while left:
+        ready = [s for s in left if all(n in done for n in s.needs)]
+        waves.append(ready)
+        done.update(s.name for s in ready)
+        left = [s for s in left if s.name not in done]
+    return waves
 
 
 def run_stages(recipe: Path, stages: list[Stage], outdir: Path, options: RunOptions,
                on_stage: Callable[[Stage, str], None] = lambda s, status: None,
-               run: Callable[..., Any] | None = None) -> list[StageResult]:
-    """Every stage in order into OUTDIR/NAME; returns what happened to each. `run(recipe, out, options,
-    config_text=...)` merges one stage (default: `merge.run`; the CLI passes one with a progress bar).
-    With `options.overwrite` every stage is rebuilt."""
+               run: Callable[..., Any] | None = None, *, shared: bool = True,
+               run_shared: Callable[..., Any] | None = None) -> list[StageResult]:
+    """Every stage into OUTDIR/NAME, wave by wave; returns what happened to each, in recipe order.
+    Stages of a wave that read the same input files are built in one shared-read run (`wave.py`)
+    unless `shared` is False. `run(recipe, out, options, config_text=...)` merges one stage alone
+    (default: `merge.run`) and `run_shared(recipe, wave_plan)` a shared wave (default:
+    `wave.run_wave`); the CLI passes both with a progress bar. With `options.overwrite` every stage
+    is rebuilt."""
     from .. import merge
+    from .wave import WaveItem, plan_wave, run_wave, shareable
 
     run = run or merge.run
-
+    run_shared = run_shared or run_wave
     outputs = {s.name: outdir / s.name for s in stages}
-    results = []
-    for stage in stages:
-        out = outputs[stage.name]
-        text, state = _planned(recipe, stage, outputs, options)
-        state = None if options.overwrite else state
-        if state is True:
-            on_stage(stage, "reused")
-            results.append(StageResult(stage.name, str(out), "reused", needs=stage.needs))
-            continue
-        status = "resumed" if state is False else "built"
-        on_stage(stage, status)
-        run_opts = dataclasses.replace(options, resume=state is False,
-                                       overwrite=state is None and out.is_dir() and any(out.iterdir()))
-        t0 = time.perf_counter()
-        report = run(recipe, out, run_opts, config_text=text)
-        j = report.to_json()
-        results.append(StageResult(stage.name, str(out), status, time.perf_counter() - t0, j["bytes_read"],
-                                   j["bytes_written"], report.peak_rss, stage.needs))
-    return results
+    results: dict[str, StageResult] = {}
+    for wave in _waves(stages):
+        todo = []
+        for stage in wave:
+            out = outputs[stage.name]
+            text, plan, state = _planned(recipe, stage, outputs, options)
+            state = None if options.overwrite else state
+            if state is True:
+                on_stage(stage, "reused")
+                results[stage.name] = StageResult(stage.name, str(out), "reused", needs=stage.needs)
+                continue
+            run_opts = dataclasses.replace(options, resume=state is False,
+                                           overwrite=state is None and out.is_dir() and any(out.iterdir()))
+            todo.append((stage, text, plan, run_opts, "resumed" if state is False else "built"))
+        can = [shared and shareable(plan, opts) for _, _, plan, opts, _ in todo]
+        for group in clusters([t[2] for t in todo], can):
+            if len(group) == 1:
+                stage, text, _, run_opts, status = todo[group[0]]
+                on_stage(stage, status)
+                t0 = time.perf_counter()
+                report = run(recipe, outputs[stage.name], run_opts, config_text=text)
+                results[stage.name] = _result(stage, status, time.perf_counter() - t0, report)
+                continue
+            items = [WaveItem(todo[i][0].name, todo[i][1], outputs[todo[i][0].name], todo[i][3]) for i in group]
+            planned = plan_wave(recipe, items, options.budget(), options.prefetch)
+            names = tuple(it.name for it in items)
+            for i in group:
+                on_stage(todo[i][0], f"{todo[i][4]}+shared")
+            t0 = time.perf_counter()
+            reports, disk = run_shared(recipe, planned)
+            seconds = time.perf_counter() - t0
+            alone = planned.bytes_alone()
+            for i, report in zip(group, reports):
+                stage, status = todo[i][0], todo[i][4]
+                res = _result(stage, status, seconds, report)
+                res.shared_with = tuple(n for n in names if n != stage.name)
+                res.wave_bytes_read, res.wave_bytes_alone = disk, alone
+                results[stage.name] = res
+    return [results[s.name] for s in stages]
 
 
-def check_stages(recipe: Path, stages: list[Stage], outdir: Path, options: RunOptions) -> list[tuple[Stage, str]]:
+def _result(stage: Stage, status: str, seconds: float, report) -> StageResult:
+    j = report.to_json()
+    shared = sum(s.bytes_shared for s in report.shards)
+    return StageResult(stage.name, str(Path(report.out_dir)), status, seconds, j["bytes_read"], j["bytes_written"],
+                       report.peak_rss, stage.needs, bytes_shared=shared)
+
+
+def check_stages(recipe: Path, stages: list[Stage], outdir: Path, options: RunOptions,
+                 shared: bool = True) -> list[tuple[Stage, str]]:
     """Each stage's state without running anything: reuse / resume / build, or why it cannot be checked
-    yet (it reads a stage not built). A stage whose inputs exist is planned, so its mistakes show now."""
+    yet (it reads a stage not built), and which stages it would share its reads with. A stage whose
+    inputs exist is planned, so its mistakes show now."""
+    from .wave import shareable
+
     outputs = {s.name: outdir / s.name for s in stages}
-    rows = []
-    for stage in stages:
-        pending = [n for n in stage.needs if not (outputs[n] / "config.json").is_file()]
-        if pending:
-            rows.append((stage, f"build (after {', '.join(pending)}; checked then)"))
-            continue
-        _, state = _planned(recipe, stage, outputs, options)
-        rows.append((stage, {True: "reuse (unchanged)", False: "resume"}.get(state, "build")))
-    return rows
+    rows: dict[str, str] = {}
+    for wave in _waves(stages):
+        ready = []
+        for stage in wave:
+            pending = [n for n in stage.needs if not (outputs[n] / "config.json").is_file()]
+            if pending:
+                rows[stage.name] = f"build (after {', '.join(pending)}; checked then)"
+                continue
+            _, plan, state = _planned(recipe, stage, outputs, options)
+            state = None if options.overwrite else state
+            rows[stage.name] = {True: "reuse (unchanged)", False: "resume"}.get(state, "build")
+            if state is not True:
+                ready.append((stage, plan))
+        can = [shared and shareable(plan, options) for _, plan in ready]
+        for group in clusters([p for _, p in ready], can):
+            for i in group if len(group) > 1 else ():
+                others = [ready[j][0].name for j in group if j != i]
+                rows[ready[i][0].name] += f", shared reads with {', '.join(others)}"
+    return [(s, rows[s.name]) for s in stages]

@@ -18,6 +18,9 @@ def _batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true",
                    help="run nothing: list the stages in order, say which would be reused, resumed or built, "
                         "and check every stage whose inputs exist")
+    p.add_argument("--no-shared-reads", dest="shared_reads", action="store_false",
+                   help="each stage reads its inputs itself (default: stages built together that read the same "
+                        "files read each input band once for all of them)")
     p.add_argument("--report", default=None, metavar="FILE.json", help="write the per-stage report as JSON")
     compat = p.add_argument_group("mergekit compatibility")
     add_options(p, "run", compat)
@@ -30,7 +33,8 @@ def _batch(args: argparse.Namespace, console) -> int:
     from ..batch.recipe import load_recipe
     from ..batch.stages import check_stages, run_stages
     from ..merge import check_report_path
-    from ..progress import run_with_progress
+    from ..batch.wave import run_wave
+    from ..progress import merge_progress, run_with_progress
 
     if args.report:
         check_report_path(args.report)
@@ -44,7 +48,7 @@ def _batch(args: argparse.Namespace, console) -> int:
         table = Table(title=f"{recipe}: {len(stages)} stage(s)")
         for col in ("stage", "reads stages", "would"):
             table.add_column(col)
-        for stage, state in check_stages(recipe, stages, outdir, options):
+        for stage, state in check_stages(recipe, stages, outdir, options, args.shared_reads):
             table.add_row(stage.name, ", ".join(stage.needs) or "-", state)
         out.print(table)
         return EXIT_OK
@@ -53,25 +57,50 @@ def _batch(args: argparse.Namespace, console) -> int:
     def announce(stage, status: str) -> None:
         if not quiet:
             words = {"built": "building", "resumed": "resuming", "reused": "reused (unchanged config and inputs)"}
-            console.print(f"[bold]{stage.name}[/bold]: {words[status]}", highlight=False)
+            base, _, shared = status.partition("+")
+            extra = " (shared reads)" if shared else ""
+            console.print(f"[bold]{stage.name}[/bold]: {words[base]}{extra}", highlight=False)
 
     def run(config_path, stage_out, opts, config_text):
         return run_with_progress(config_path, stage_out, opts, console, config_text=config_text)
 
-    results = run_stages(recipe, stages, outdir, options, announce, run)
+    def run_shared(recipe_path, wave):
+        with merge_progress(console, options.progress) as (on_start, on_progress):
+            return run_wave(recipe_path, wave, on_start, on_progress)
+
+    results = run_stages(recipe, stages, outdir, options, announce, run, shared=args.shared_reads,
+                         run_shared=run_shared)
     table = Table(title=f"batch {recipe}")
-    for col in ("stage", "status", "seconds", "read MB", "read MB/s", "written MB", "peak RSS GiB"):
+    for col in ("stage", "status", "seconds", "read MB", "of it shared MB", "read MB/s", "written MB", "peak RSS GiB"):
         table.add_column(col, justify="right" if col not in ("stage", "status") else "left")
     for r in results:
         j = r.to_json()
-        table.add_row(r.name, r.status, f"{r.seconds:.1f}", f"{r.bytes_read / 1e6:.1f}", f"{j['gb_per_s'] * 1e3:.1f}",
-                      f"{r.bytes_written / 1e6:.1f}", f"{r.peak_rss / 2**30:.2f}" if r.peak_rss else "-")
+        table.add_row(r.name, r.status, f"{r.seconds:.1f}", f"{r.bytes_read / 1e6:.1f}", f"{r.bytes_shared / 1e6:.1f}",
+                      f"{j['gb_per_s'] * 1e3:.1f}", f"{r.bytes_written / 1e6:.1f}",
+                      f"{r.peak_rss / 2**30:.2f}" if r.peak_rss else "-")
+    summary = _summary(results)
     if not quiet:
         out.print(table)
+        if summary["bytes_alone"] > summary["bytes_from_files"]:
+            out.print(f"read {summary['bytes_from_files'] / 1e9:.2f} GB from the input files; one stage at a time "
+                      f"would read {summary['bytes_alone'] / 1e9:.2f} GB", highlight=False)
     if args.report:
-        Path(args.report).write_text(json.dumps({"recipe": str(recipe), "stages": [r.to_json() for r in results]},
-                                                indent=2) + "\n")
+        Path(args.report).write_text(json.dumps({"recipe": str(recipe), **summary,
+                                                 "stages": [r.to_json() for r in results]}, indent=2) + "\n")
     return EXIT_OK
+
+
+def _summary(results) -> dict:
+    """Input bytes the batch read from the files, against what its built stages would read one at a time."""
+    waves, alone_read, alone = {}, 0, 0
+    for r in results:
+        if r.shared_with:
+            waves[tuple(sorted((r.name, *r.shared_with)))] = (r.wave_bytes_read, r.wave_bytes_alone)
+        else:
+            alone_read += r.bytes_read
+    disk = alone_read + sum(d for d, _ in waves.values())
+    alone = alone_read + sum(a for _, a in waves.values())
+    return {"bytes_from_files": disk, "bytes_alone": alone}
 
 
 COMMANDS = (

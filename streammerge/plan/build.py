@@ -226,7 +226,7 @@ class Planner:
         baseline = budget_mod.baseline_rss(self.spec.name, self.options.device)  # numba's share included
         data_budget = budget - baseline - budget_mod.ALLOCATOR_SLACK
         widest_k = max((len(e[2]) for e in entries), default=1)
-        self._floor = budget_mod.Floor(budget, baseline, self.spec.block_elems, widest_k, _threads())
+        self._floor = budget_mod.Floor(budget, baseline, self.spec.block_elems, widest_k, compute_threads())
         self._block_elems = self._floor.block_elems(data_budget)
         tensors: list[TensorPlan] = []
         peak = gpu_peak = 0
@@ -277,7 +277,7 @@ class Planner:
         rows = shape[0] if len(shape) >= 2 else 1
         row_elems = infos[0].row_elems
         blocked = self.options.device == "cpu"  # CPU compute runs in blocks (TensorPlan.block_rows)
-        block_work = budget_mod.block_work(len(infos), compute, _threads(), self._block_elems) if blocked else 0
+        block_work = budget_mod.block_work(len(infos), compute, compute_threads(), self._block_elems) if blocked else 0
         rpc = budget_mod.rows_per_chunk(out_name, rows, infos, row_elems, compute, out_dtype, self.options.prefetch,
                                         data_budget - block_work, budget, self.options.chunk_rows, blocked,
                                         self._gpu_budget(), self._floor)
@@ -394,6 +394,6 @@ def build_plan(config: MergeConfig, config_path: str | os.PathLike | None, optio
     return Planner(config, config_dir, options).build()
 
 
-def _threads() -> int:
+def compute_threads() -> int:
     """Compute threads a CPU run will use (torch's intra-op default: one per core)."""
     return os.cpu_count() or 1
