@@ -27,11 +27,20 @@ def keep_probability(rows: torch.Tensor, density: float, epsilon: float) -> torc
     return ((density - epsilon) + rn * (2 * epsilon)).reshape(-1)
 
 
-def della_keep(rows: torch.Tensor, density: float, epsilon: float, seed: int, stream: int, start: int) -> torch.Tensor:
-    """Keep mask (bool, flat) of a ``[rows, n]`` δ band whose first element is ``start`` of the stream."""
+def della_keep(rows: torch.Tensor, density: float, epsilon: float, seed: int, stream: int, start: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep mask (bool, flat) of a ``[rows, n]`` δ band whose first element is ``start`` of the stream,
+    written into ``out`` (a contiguous bool tensor of ``rows.numel()`` elements) when given.
+
+    Callers in a block loop pass ``out``: a fresh mask per block is a sub-MiB aligned heap block, and
+    glibc (before 2.38) cannot reuse a freed one for the next aligned request of the same size once a
+    long-lived small allocation lands beside it, so the heap grew by one mask per block."""
     if rows.dim() != 2:
         raise ValueError(f"della_keep needs a [rows, n] band, got shape {tuple(rows.shape)}")
-    return dispatch.call("della_keep", rows.device, rows, density, epsilon, seed, stream, start)
+    if out is not None and (out.dtype != torch.bool or out.numel() != rows.numel() or not out.is_contiguous()):
+        raise ValueError(f"della_keep's out must be a contiguous bool tensor of {rows.numel()} elements, got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    return dispatch.call("della_keep", rows.device, rows, density, epsilon, seed, stream, start, out)
 
 
 def della_keep_fits_triton(rows: torch.Tensor, *args) -> bool:
@@ -43,12 +52,12 @@ def della_keep_fits_numba(rows: torch.Tensor, *args) -> bool:
 
 
 def della_keep_numba(rows: torch.Tensor, density: float, epsilon: float, seed: int, stream: int,
-                     start: int) -> torch.Tensor:
+                     start: int, out: torch.Tensor | None = None) -> torch.Tensor:
     import numpy as np
 
     from ._numba import della as kernel
 
-    out = torch.empty(rows.numel(), dtype=torch.bool)
+    out = torch.empty(rows.numel(), dtype=torch.bool) if out is None else out.view(-1)
     bits = rows.contiguous().view(torch.int16).numpy().view(np.uint16)
     kernel.keep_rows_bf16(out.numpy(), bits, np.float32(density - epsilon), np.float32(2 * epsilon),
                           np.uint64(seed), np.uint64(stream), np.uint64(start))
@@ -56,6 +65,7 @@ def della_keep_numba(rows: torch.Tensor, density: float, epsilon: float, seed: i
 
 
 def della_keep_torch(rows: torch.Tensor, density: float, epsilon: float, seed: int, stream: int,
-                     start: int) -> torch.Tensor:
+                     start: int, out: torch.Tensor | None = None) -> torch.Tensor:
     p = keep_probability(rows, density, epsilon)
-    return bernoulli_keep(seed, stream, start, rows.numel(), p, device=rows.device)
+    keep = bernoulli_keep(seed, stream, start, rows.numel(), p, device=rows.device)
+    return keep if out is None else out.view(-1).copy_(keep)

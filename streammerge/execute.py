@@ -10,7 +10,8 @@ single reads, blocks and model sweeps are the plan's fields. Its parts:
 
 Memory is bounded by construction: the reader can only fill a band when a pool slot is free (the
 pool has `prefetch + 1` slots, each sized for the largest band of the plan), and the writer queue
-holds at most `prefetch + 1` output bands.
+holds at most `prefetch + 1` output bands. After each band the compute loop hands the heap's free
+pages back (`pipeline.trim_heap`), so allocator fragmentation cannot accumulate across bands.
 
 A failure in any thread stops the others (pipeline.Halt): every wait on a queue or a pool polls the
 stop flag, and the run raises the first failure. The only waits that do not poll are CUDA event
@@ -33,7 +34,7 @@ from .bands import read_all, slot_bytes
 from .errors import StreammergeError
 from .io.header import DTYPES
 from .methods import MethodSpec, TensorJob, get_method
-from .pipeline import DONE, Halt, Pool
+from .pipeline import DONE, Halt, Pool, trim_heap
 from .plan.ir import Plan
 from .report import ShardReport
 from .runner import BandRunner, resolve_reduces
@@ -142,6 +143,7 @@ class Executor:
             self.stats[t.shard].bytes_read += band.nbytes
             with self.stage.computing(band, t.shard, self.stats, write_wait):
                 self.runner.run_band(t, job, reduces, band, states, stats[band.tensor])
+            trim_heap()
             self.on_progress(band.nbytes)
             if band.r1 == t.rows and band.passes[-1] == t.passes - 1:
                 jobs.pop(band.tensor, None)

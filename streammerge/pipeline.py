@@ -9,6 +9,7 @@ second and the run raises that first failure, not a hang and not a secondary err
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from typing import Any
@@ -78,15 +79,35 @@ class Pool:
             self.free.put(i)
 
 
+@functools.lru_cache(maxsize=None)
+def _libc() -> Any:
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Return the free pages inside glibc's heaps to the OS (``malloc_trim(0)``), called once per band by
+    the compute loop. A freed sub-MiB block pinned in place by a live small one stays resident until
+    trimmed; that is how a per-block temporary once grew the heap past the budget (see
+    ``kernels.della.della_keep``), and this keeps such a leak from reaching resident memory. A few
+    microseconds on a heap with little free in it."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def bound_malloc() -> None:
     """glibc gives each thread its own heap arena and keeps freed mid-size blocks there; with several
     compute threads making block-sized temporaries, resident memory crept to twice the budget. Fewer
     arenas and a fixed mmap threshold (large blocks go back to the OS on free) keep it bounded.
     Process-wide: called once at the start of a run (`merge.run`), not per executor."""
+    libc = _libc()
     try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-8, 2)          # M_ARENA_MAX
         libc.mallopt(-3, 1 << 20)    # M_MMAP_THRESHOLD: fixed, so no longer raised dynamically
         libc.mallopt(-1, 4 << 20)    # M_TRIM_THRESHOLD

@@ -91,11 +91,14 @@ def _della_kernel(
 
 
 def della_keep(
-    rows: torch.Tensor, density: float, epsilon: float, seed: int, stream: int, start: int
+    rows: torch.Tensor, density: float, epsilon: float, seed: int, stream: int, start: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Keep mask (bool, flat) of a ``[rows, n]`` δ band whose first element is ``start`` of the stream."""
+    """Keep mask (bool, flat) of a ``[rows, n]`` δ band whose first element is ``start`` of the stream
+    (copied into ``out`` when given, as the CPU kernels write it there)."""
     check_args(seed, stream, start, rows.numel())
-    return _launch(rows, density, epsilon, (seed, stream, start))
+    keep = _launch(rows, density, epsilon, (seed, stream, start))
+    return keep if out is None else out.view(-1).copy_(keep)
 
 
 def della_probability(rows: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:

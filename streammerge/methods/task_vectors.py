@@ -86,13 +86,14 @@ def _della_masks(job: TensorJob, d: torch.Tensor, row0: int) -> torch.Tensor | N
     from ..kernels.philox import stream_id
     from ..kernels.scratch import scratch
 
-    mask = scratch("masks", tuple(d.shape), torch.bool, d.device).fill_(True)
+    mask = scratch("masks", tuple(d.shape), torch.bool, d.device)
     start = _flat_start(job, row0)
     for j, i in enumerate(others):
         if needs_mask(job, i):
-            keep = della_keep(_rows(job, d[j]), float(model_param(job, i, "density")), float(model_param(job, i, "epsilon")),
-                              job.seed, stream_id(job.model_ids[i], job.name), start)
-            mask[j] = keep.reshape(d[j].shape)
+            della_keep(_rows(job, d[j]), float(model_param(job, i, "density")), float(model_param(job, i, "epsilon")),
+                       job.seed, stream_id(job.model_ids[i], job.name), start, out=mask[j])
+        else:
+            mask[j].fill_(True)
     return mask
 
 
