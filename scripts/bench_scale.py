@@ -70,7 +70,7 @@ def _run_one(args, method, budget, cfg, paths, work, tool="streammerge") -> dict
             args.plot.mkdir(parents=True, exist_ok=True)
             cmd += ["--plot", str(args.plot / f"{tag}.png")]
     else:
-        cmd = [args.mergekit, str(cfg), str(out), "--lazy-unpickle"]
+        cmd = [args.mergekit_bin, str(cfg), str(out), "--lazy-unpickle"]
     rc, wall, peak, cpu, how = bm.measure(cmd, work / f"{tag}.log", use_time=False)
     row = {"tool": tool, "method": method, "budget": budget, "cache": "cold" if args.cold else "warm", "rc": rc,
            "wall_s": round(wall, 2), "peak_rss_gib": round(peak / GiB, 3), "cpu_s": round(cpu, 1),
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     budgets = args.budget or ["1GiB", "2GiB", "4GiB"]
     bindir = Path(sys.executable).parent
     args.streammerge = shutil.which("streammerge") or str(bindir / "streammerge")
-    args.mergekit = shutil.which("mergekit-yaml") or str(bindir / "mergekit-yaml")
+    args.mergekit_bin = shutil.which("mergekit-yaml") or str(bindir / "mergekit-yaml")
     t0 = time.perf_counter()
     base, experts = _family(args, spec)
     made = time.perf_counter() - t0

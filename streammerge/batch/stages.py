@@ -39,6 +39,7 @@ class StageResult:
     shared_with: tuple[str, ...] = ()     # the stages it was built with in one shared-read run
     wave_bytes_read: int = 0              # that run's input bytes read from the files ...
     wave_bytes_alone: int = 0             # ... and what its stages would read one after another
+    shards: list[dict] = dataclasses.field(default_factory=list)   # its run report's, per shard
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -194,7 +195,7 @@ def _result(stage: Stage, status: str, seconds: float, report) -> StageResult:
     j = report.to_json()
     shared = sum(s.bytes_shared for s in report.shards)
     return StageResult(stage.name, str(Path(report.out_dir)), status, seconds, j["bytes_read"], j["bytes_written"],
-                       report.peak_rss, stage.needs, bytes_shared=shared)
+                       report.peak_rss, stage.needs, bytes_shared=shared, shards=j["shards"])
 
 
 def check_stages(recipe: Path, stages: list[Stage], outdir: Path, options: RunOptions,

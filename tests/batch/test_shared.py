@@ -185,6 +185,10 @@ def test_the_batch_report_says_what_sharing_saved(tmp_path, tiny_family, capsys)
     assert rep["bytes_alone"] == sum(s["bytes_read"] for s in rep["stages"]) == 2 * rep["bytes_from_files"]
     assert rep["stages"][1]["bytes_shared"] == rep["stages"][1]["bytes_read"] > 0
     assert rep["stages"][0]["shared_with"] == ["ties7"]
+    for stage in rep["stages"]:
+        assert sum(sh["bytes_read"] for sh in stage["shards"]) == stage["bytes_read"]
+        assert sum(sh["bytes_shared"] for sh in stage["shards"]) == stage["bytes_shared"]
+        assert all(sh["seconds"] > 0 and sh["gb_per_s"] > 0 for sh in stage["shards"])
     assert "one stage at a time would read" in " ".join(capsys.readouterr().out.split())
     for name in ("ties3", "ties7"):
         manifest = json.loads((tmp_path / "out" / name / ".streammerge" / "manifest.json").read_text())
