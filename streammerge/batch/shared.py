@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -111,6 +111,9 @@ class SharedExecutor:
         self.bands: queue.Queue = queue.Queue(maxsize=self.prefetch)
         self.lanes = [_Lane(o, self.stage, self.halt, self.prefetch, check_nonfinite, durable) for o in outputs]
         self.bytes_read = 0
+        self.lane_threads: list[ThreadPoolExecutor] = []
+        self.pending: list[Future] = []
+        self._progress_lock = threading.Lock()
 
     def total_bytes(self) -> int:
         """What the run reads from the input files: the progress bar's total."""
@@ -126,6 +129,8 @@ class SharedExecutor:
             torch.set_num_threads(1)
             for lane in self.lanes:
                 lane.runner.workers = workers
+        self.lane_threads = [ThreadPoolExecutor(1, thread_name_prefix=f"streammerge-lane-{i}")
+                             for i in range(len(self.lanes))]
         reader = threading.Thread(target=self._read_all, name="streammerge-reader", daemon=True)
         writers = [threading.Thread(target=write_all, name=f"streammerge-writer-{i}", daemon=True,
                                     args=(self.halt, lane.writes, lane.sink, lane.out_pool, lane.nonfinite))
@@ -146,6 +151,8 @@ class SharedExecutor:
             finally:
                 self.halt.stop.set()
                 reader.join()
+                for ex in self.lane_threads:
+                    ex.shutdown(cancel_futures=True)
                 if workers is not None:
                     workers.shutdown(cancel_futures=True)
                     torch.set_num_threads(threads)
@@ -185,40 +192,78 @@ class SharedExecutor:
         self.lanes[m.output].stats[m.plan.shard].read_s += seconds
 
     def _compute_loop(self) -> None:
+        """Hands each band to the lanes of its members and returns once every lane has run all of its
+        bands. A band's slot goes back to the reader when its last member is done with it."""
         while True:
             band = self.halt.get(self.bands)
             if band is DONE:
                 break
-            try:
-                self._compute(band)
-            finally:
-                self.pool.free.put(band.slot)
-            self.on_progress(band.nbytes)
+            self._dispatch(band)
+        for f in self.pending:
+            f.result()
+        self.halt.raise_first()
 
-    def _compute(self, band: _GroupBand) -> None:
-        """Every member's passes of this round on the band. Each input's read is counted for the first
-        member (in batch order) that uses it this round; for the others it is `bytes_shared`."""
+    def _dispatch(self, band: _GroupBand) -> None:
+        """Every member's passes of this round on the band, each in its output's lane thread. Each
+        input's read is counted for the first member (in batch order) that uses it this round; for the
+        others it is `bytes_shared`.
+
+        One thread per output, not a barrier per band: an output waiting for its writer (its share of
+        the disk) or on a serial step (a reduce's merge, a threshold search) leaves the block workers to
+        the others, and a cheap output runs up to the reader's prefetch ahead of a costly one. Each lane
+        runs its bands in order and owns its runner, states, output slots and writer."""
         g = self.groups[band.group]
         owned: set[int] = set()
+        work: list[tuple] = []
         for m in g.members:
             groups = pass_groups(m.plan)
             if band.round >= len(groups):
                 continue
-            lane, t = self.lanes[m.output], m.plan
-            job, reduces = lane.job(m.tensor)
-            stats = lane.stats[t.shard]
             shared_row = sum(g.inputs[j].info.row_bytes for j in m.picks if j in owned)
             owned.update(m.picks)
-            two_d = len(t.shape) >= 2
-            for a in range(band.r0, band.r1, t.rows_per_chunk):
-                b = min(band.r1, a + t.rows_per_chunk)
-                chunks = [band.chunks[j][a - band.r0:b - band.r0] if two_d else band.chunks[j] for j in m.picks]
-                sub = Band(m.tensor, t.shard, groups[band.round], a, b, chunks, band.slot, band_bytes(t, b - a))
-                stats.bytes_read += sub.nbytes
-                stats.bytes_shared += (b - a) * shared_row
-                t0, waited = time.perf_counter(), lane.runner.write_wait
-                lane.runner.run_band(t, job, reduces, sub, lane.states, lane.tensor_stats[m.tensor])
-                stats.compute_s += time.perf_counter() - t0 - (lane.runner.write_wait - waited)
-            if band.r1 == t.rows and band.round == len(groups) - 1:
-                lane.jobs.pop(m.tensor, None)
-                lane.tensor_stats.pop(m.tensor, None)
+            work.append((m, groups, shared_row))
+        left = [len(work)]
+        lock = threading.Lock()
+
+        def release() -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] <= 0
+            if last:
+                self.pool.free.put(band.slot)
+                with self._progress_lock:
+                    self.on_progress(band.nbytes)
+
+        def run(*w) -> None:
+            try:
+                self.halt.check()
+                self._member(band, *w)
+            except BaseException as e:
+                self.halt.fail(e)
+                raise
+            finally:
+                release()
+
+        if not work:
+            left[0] = 1
+            release()
+        self.pending = [f for f in self.pending if not f.done()]
+        self.pending += [self.lane_threads[w[0].output].submit(run, *w) for w in work]
+
+    def _member(self, band: _GroupBand, m, groups: list[tuple[int, ...]], shared_row: int) -> None:
+        lane, t = self.lanes[m.output], m.plan
+        job, reduces = lane.job(m.tensor)
+        stats = lane.stats[t.shard]
+        two_d = len(t.shape) >= 2
+        for a in range(band.r0, band.r1, t.rows_per_chunk):
+            b = min(band.r1, a + t.rows_per_chunk)
+            chunks = [band.chunks[j][a - band.r0:b - band.r0] if two_d else band.chunks[j] for j in m.picks]
+            sub = Band(m.tensor, t.shard, groups[band.round], a, b, chunks, band.slot, band_bytes(t, b - a))
+            stats.bytes_read += sub.nbytes
+            stats.bytes_shared += (b - a) * shared_row
+            t0, waited = time.perf_counter(), lane.runner.write_wait
+            lane.runner.run_band(t, job, reduces, sub, lane.states, lane.tensor_stats[m.tensor])
+            stats.compute_s += time.perf_counter() - t0 - (lane.runner.write_wait - waited)
+        if band.r1 == t.rows and band.round == len(groups) - 1:
+            lane.jobs.pop(m.tensor, None)
+            lane.tensor_stats.pop(m.tensor, None)
