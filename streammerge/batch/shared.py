@@ -236,18 +236,22 @@ class SharedExecutor:
 
         def run(*w) -> None:
             try:
-                self.halt.check()
-                self._member(band, *w)
-            except BaseException as e:
+                try:
+                    self.halt.check()
+                    self._member(band, *w)
+                finally:
+                    release()
+            except BaseException as e:   # the progress callback's too (an interrupt)
                 self.halt.fail(e)
                 raise
-            finally:
-                release()
 
         if not work:
             left[0] = 1
             release()
-        self.pending = [f for f in self.pending if not f.done()]
+        done = [f for f in self.pending if f.done()]
+        for f in done:
+            f.result()
+        self.pending = [f for f in self.pending if f not in done]
         self.pending += [self.lane_threads[w[0].output].submit(run, *w) for w in work]
 
     def _member(self, band: _GroupBand, m, groups: list[tuple[int, ...]], shared_row: int) -> None:

@@ -227,3 +227,40 @@ def test_no_method_changes_the_input_bands_it_shares(tmp_path, tiny_family):
     run_stages(recipe, stages, tmp_path / "alone", RunOptions(progress=False), shared=False)
     for s in stages:
         assert shard_bytes(tmp_path / "out" / s.name) == shard_bytes(tmp_path / "alone" / s.name) != {}, s.name
+
+
+def test_a_failing_output_stops_the_whole_shared_run_with_its_error(tmp_path, tiny_family, monkeypatch):
+    """Each output computes in its own lane thread: a method failing in one lane must stop the others
+    and surface as the run's error (not hang, not be lost), and leave that output uncommitted."""
+    import threading
+
+    from streammerge.runner import BandRunner
+
+    base, experts = tiny_family
+    recipe = _recipe(tmp_path / "r.yml", _sweep(base, experts))
+    stages = parse_recipe(recipe.read_text())
+    real, calls = BandRunner.run_band, {"lin": 0}
+
+    def flaky(self, t, job, reduces, band, states, stats):
+        if self.plan.method == "linear":
+            calls["lin"] += 1
+            if calls["lin"] == 3:
+                raise RuntimeError("boom in the linear lane")
+        return real(self, t, job, reduces, band, states, stats)
+
+    monkeypatch.setattr(BandRunner, "run_band", flaky)
+    result: dict = {}
+
+    def go():
+        try:
+            run_stages(recipe, stages, tmp_path / "out", RunOptions(progress=False, out_shard_size=200_000))
+        except BaseException as e:
+            result["error"] = e
+
+    worker = threading.Thread(target=go, daemon=True)
+    worker.start()
+    worker.join(120)
+    assert not worker.is_alive(), "the shared run hung after one output failed"
+    assert "boom in the linear lane" in str(result.get("error"))
+    assert not (tmp_path / "out" / "lin" / "model.safetensors.index.json").exists()
+    assert not (tmp_path / "out" / "lin" / "config.json").exists()
