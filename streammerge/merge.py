@@ -274,7 +274,10 @@ def start_manifest(out: Path, plan: Plan, fingerprint: str, options: RunOptions
         f = out / plan.shards[i].filename
         # the executor's streamed checksum; read back only where it gives none
         checksum = getattr(stats, "checksum", "") or file_digest(f)
-        manifest["shards"][plan.shards[i].filename] = {"size": f.stat().st_size, "checksum": checksum}
+        done = {**manifest["shards"], plan.shards[i].filename: {"size": f.stat().st_size, "checksum": checksum}}
+        # in the plan's shard order, not the order shards finished in: the manifest of a Ray run (or a
+        # resumed one) is then byte-identical to a local run's
+        manifest["shards"] = {s.filename: done[s.filename] for s in plan.shards if s.filename in done}
         write_json_atomic(manifest_path, manifest)
 
     return plan, skip, shard_done

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -79,6 +80,28 @@ def test_manifest_records_a_checksum_per_shard(tiny_family, tmp_path):
     assert len(shards) > 2 and set(shards) == set(shard_bytes(out))
     for name, rec in shards.items():
         assert rec["checksum"] == file_digest(out / name) and rec["size"] == (out / name).stat().st_size
+
+
+def test_manifest_lists_shards_in_plan_order_whatever_order_they_finish_in(tiny_family, tmp_path):
+    """Ray workers finish shards in any order; the manifest must still be the bytes a local run writes."""
+    from streammerge.config import load_config
+    from streammerge.merge import start_manifest
+    from streammerge.plan.build import build_plan
+
+    base, experts = tiny_family
+    cfg = write_yaml(tmp_path / "c.yml", config_for("task_arithmetic", base, experts))
+    plan = build_plan(load_config(cfg), cfg, _opts(out_shard_size=SHARDED))
+    assert len(plan.shards) > 2
+    out = tmp_path / "out"
+    (out / ".streammerge").mkdir(parents=True)
+    for i, s in enumerate(plan.shards):
+        (out / s.filename).write_bytes(bytes([i]) * 10)
+    _, _, shard_done = start_manifest(out, plan, "fp", _opts())
+    for i in reversed(range(len(plan.shards))):
+        shard_done(i, SimpleNamespace(checksum=f"sum-{i}"))
+    shards = json.loads((out / ".streammerge" / "manifest.json").read_text())["shards"]
+    assert list(shards) == [s.filename for s in plan.shards]
+    assert [r["checksum"] for r in shards.values()] == [f"sum-{i}" for i in range(len(plan.shards))]
 
 
 def test_resume_redoes_a_shard_corrupted_in_place(tiny_family, tmp_path):
