@@ -23,6 +23,16 @@ class Stopped(Exception):
     the one reported."""
 
 
+_interrupted: list[BaseException] = []   # a signal's interrupt, seen by every Halt (see `interrupt`)
+
+
+def interrupt(error: BaseException | None) -> None:
+    """Record the KeyboardInterrupt a signal raised in the main thread (None clears it). The main thread
+    can lose that exception (raised inside a finalizer that the garbage collector runs there, it is
+    only printed), so every run's threads also poll this record and stop the run with it."""
+    _interrupted[:] = [] if error is None else [error]
+
+
 class Halt:
     """The run's stop flag and its first failure."""
 
@@ -40,6 +50,8 @@ class Halt:
         self.stop.set()
 
     def check(self) -> None:
+        if _interrupted and not self.stop.is_set():
+            self.fail(_interrupted[0])
         if self.stop.is_set():
             raise Stopped
 

@@ -6,6 +6,8 @@ import contextlib
 import signal
 import threading
 
+from ..pipeline import interrupt
+
 
 class _Stopped(KeyboardInterrupt):
     """SIGINT, SIGTERM or SIGHUP, raised in the main thread so that every one stops a run the way Ctrl-C
@@ -18,7 +20,9 @@ class _Stopped(KeyboardInterrupt):
 
 def _raise_stopped(signum: int, frame) -> None:
     signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once (still resumable)
-    raise _Stopped(signum)
+    stopped = _Stopped(signum)
+    interrupt(stopped)   # the run's threads stop on it even if this raise is lost
+    raise stopped
 
 
 @contextlib.contextmanager
@@ -32,8 +36,10 @@ def signals_as_interrupt():
     defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL, signal.SIGHUP: signal.SIG_DFL}
     previous = {sig: signal.signal(sig, _raise_stopped) for sig, default in defaults.items()
                 if signal.getsignal(sig) is default}
+    interrupt(None)
     try:
         yield
     finally:
+        interrupt(None)
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
