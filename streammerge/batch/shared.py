@@ -1,8 +1,8 @@
 """Run several plans over one read of their shared inputs (`groups.py` says what is shared).
 
-One reader thread reads each group's band of all its inputs into a pool slot; the compute thread runs
-that band, in each member's own sub-bands, through each output's `BandRunner`; each output has its
-own output slots, writer thread and shard sink, so its folder is committed exactly as a run of its
+One reader thread reads each group's band of all its inputs into a pool slot; each output's lane
+thread runs that band, in its member's own sub-bands, through the output's `BandRunner` (sharing the
+block workers); each output has its own output slots, writer thread and shard sink, so its folder is committed exactly as a run of its
 plan alone would commit it, and its bytes are the same (every method's result is independent of where
 bands begin and end). The threads share one stop flag: a failure anywhere stops the whole batch.
 """
@@ -23,7 +23,7 @@ from ..bands import Band, aligned, band_bytes, pass_groups
 from ..io.header import DTYPES
 from ..io.reader import RowReader
 from ..methods import MethodSpec, TensorJob, get_method
-from ..pipeline import DONE, Halt, Pool
+from ..pipeline import DONE, Halt, Pool, trim_heap
 from ..plan.ir import Plan
 from ..report import ShardReport
 from ..runner import BandRunner, resolve_reduces
@@ -230,6 +230,7 @@ class SharedExecutor:
                 left[0] -= 1
                 last = left[0] <= 0
             if last:
+                trim_heap()   # as the single-output compute loop does after each band
                 self.pool.free.put(band.slot)
                 with self._progress_lock:
                     self.on_progress(band.nbytes)
