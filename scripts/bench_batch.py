@@ -26,7 +26,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_merge as bm  # noqa: E402
 
-from streammerge.synth import PRESETS, make_family  # noqa: E402
+from streammerge.synth import PRESETS  # noqa: E402
 
 GiB = 1 << 30
 CONFIGS = (("ties-d0.3", "ties", 0.3), ("ties-d0.7", "ties", 0.7), ("dare_ties-d0.5", "dare_ties", 0.5),
@@ -60,12 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="append the markdown table to this file")
     args = ap.parse_args(argv)
 
-    root = args.data / args.preset
-    found = [root / f"expert_{i}" for i in range(1, args.experts + 1)]
-    if (root / "base").is_dir() and all(e.is_dir() for e in found):
-        base, experts = root / "base", found
-    else:
-        base, experts = make_family(root, PRESETS[args.preset], args.experts, reuse=True)
+    base, experts = bm.found_family(args.data, args.preset, args.experts)
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     docs = configs(base, experts)
@@ -116,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     slowest = max(r["wall_s"] for tool, _, r in rows if tool == "streammerge run")
     alone_sum = sum(r["wall_s"] for tool, _, r in rows if tool == "streammerge run")
     batch_row = next(r for tool, _, r in rows if tool == "streammerge batch")
-    lines = [f"{bm.machine()}; commit {bm._commit()}; {args.preset} family, base + {args.experts} experts, "
+    lines = [f"{bm.machine()}; commit {bm.commit()}; {args.preset} family, base + {args.experts} experts, "
              f"--max-memory {args.max_memory}, {'cold' if args.cold else 'warm'} page cache",
              "", "| tool | config | wall s | peak RSS GiB | CPU s | input GB read |", "|---|---|---:|---:|---:|---:|"]
     for tool, name, r in rows:

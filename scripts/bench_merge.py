@@ -43,6 +43,16 @@ DETERMINISTIC = {
 }
 
 
+def found_family(data: Path, preset: str, experts: int) -> tuple[Path, list[Path]]:
+    """DATA/PRESET/{base,expert_1..N} as they are when all exist (a benchmark family made before), else a
+    fresh seeded one written there."""
+    root = data / preset
+    found = [root / f"expert_{i}" for i in range(1, experts + 1)]
+    if (root / "base").is_dir() and all(e.is_dir() for e in found):
+        return root / "base", found
+    return make_family(root, PRESETS[preset], experts, reuse=True)
+
+
 def method_config(method: str, base: Path, experts: list[Path], dtype: str) -> dict:
     """A standard mergekit 0.1.5 config for ``method`` over base + experts (weights 1/K, density 0.5)."""
     k = len(experts)
@@ -285,7 +295,7 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs ({cpu}), ISA {isa()}{jit}, {mem}, {platform.system()} {platform.release()}"
 
 
-def _commit() -> str:
+def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()
@@ -470,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             f"\n### bench_merge — {now}\n",
             f"- command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`",
             f"- machine: {machine()}",
-            f"- commit: {_commit()}",
+            f"- commit: {commit()}",
             f"- versions: python {platform.python_version()}, torch {_version('torch')}, "
             f"mergekit {_version('mergekit')}, streammerge {_version('streammerge')}",
             f"- data: synthetic `{args.preset}` ({spec.n_params / 1e9:.2f}B params, {spec.dtype}, "

@@ -27,17 +27,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import method_config  # noqa: E402
-
-from streammerge.synth import PRESETS, make_family  # noqa: E402
-
-
-def _family(data: Path, preset: str, experts: int) -> tuple[Path, list[Path]]:
-    root = data / preset
-    found = [root / f"expert_{i}" for i in range(1, experts + 1)]
-    if (root / "base").is_dir() and all(e.is_dir() for e in found):
-        return root / "base", found
-    return make_family(root, PRESETS[preset], experts, reuse=True)
+from bench_merge import commit, found_family, method_config  # noqa: E402
 
 
 def _digests(d: Path) -> dict[str, str]:
@@ -63,7 +53,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/ray-bench"))
     args = ap.parse_args()
 
-    base, experts = _family(args.data, args.preset, args.experts)
+    base, experts = found_family(args.data, args.preset, args.experts)
     args.work.mkdir(parents=True, exist_ok=True)
     cfg = args.work / "ties.yml"
     cfg.write_text(yaml.safe_dump(method_config("ties", base, experts, "bfloat16"), sort_keys=False))
@@ -79,11 +69,10 @@ def main() -> int:
     ray_s = _timed([*sm, str(on_ray), *flags, "--backend", "ray", *where])
     a, b = _digests(local), _digests(on_ray)
     same = a == b
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"| commit | shards | local wall s | ray start s | ray ({args.workers} workers) wall s | files | identical |")
     print("|---|---:|---:|---:|---:|---:|---|")
     shards = sum(1 for n in a if n.endswith(".safetensors"))
-    row = [commit, shards, f"{local_s:.1f}", f"{start_s:.1f}", f"{ray_s:.1f}", len(a), "yes" if same else "NO"]
+    row = [commit(), shards, f"{local_s:.1f}", f"{start_s:.1f}", f"{ray_s:.1f}", len(a), "yes" if same else "NO"]
     print("| " + " | ".join(map(str, row)) + " |")
     if not same:
         for name in sorted(set(a) | set(b)):
