@@ -35,6 +35,7 @@ class ShardReport:
     bytes_written: int = 0
     skipped: bool = False     # kept by --resume: not written by this run
     bytes_shared: int = 0     # of bytes_read, what a batch read once for an earlier output (batch/shared.py)
+    passes_adopted: int = 0   # tensor reduce passes another output of a batch computed for this one (batch/reuse.py)
     # seconds spent per stage (they overlap: the stages run concurrently). read and write: wall time of
     # the reader and writer threads; compute: wall time on CPU, the compute stream's time on CUDA;
     # h2d and d2h (CUDA only): the copy streams' time, measured with CUDA events
@@ -57,7 +58,7 @@ class ShardReport:
 
     def to_json(self) -> dict:
         return {"filename": self.filename, "bytes_read": self.bytes_read, "bytes_written": self.bytes_written,
-                "bytes_shared": self.bytes_shared, "seconds": self.seconds, "skipped": self.skipped, "read_s": self.read_s, "h2d_s": self.h2d_s,
+                "bytes_shared": self.bytes_shared, "passes_adopted": self.passes_adopted, "seconds": self.seconds, "skipped": self.skipped, "read_s": self.read_s, "h2d_s": self.h2d_s,
                 "compute_s": self.compute_s, "d2h_s": self.d2h_s, "write_s": self.write_s,
                 "gb_per_s": round(self.gbps, 3)}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
@@ -23,6 +23,16 @@ from .methods import MethodSpec, Reduce, TensorJob
 from .pipeline import Halt, Pool
 from .plan.ir import Plan, TensorPlan
 from .sink import WriteItem
+
+
+class PassShare(Protocol):
+    """One reduce pass of one tensor computed once for several outputs of a shared run."""
+
+    follows: bool                        # this output adopts the pass's state instead of computing it
+
+    def publish(self, state: Any) -> None: ...
+
+    def wait(self, halt: Halt) -> Any: ...
 
 
 def resolve_reduces(spec: MethodSpec, job: TensorJob, t: TensorPlan) -> tuple[Reduce, ...]:
@@ -80,7 +90,9 @@ class BandRunner:
             raise
 
     def run_band(self, t: TensorPlan, job: TensorJob, reduces: tuple[Reduce, ...], band: Band, states: dict,
-                 stats: list) -> None:
+                 stats: list, shares: Mapping[int, PassShare] | None = None) -> None:
+        """`shares`: the reduce passes another output of a shared run computes for this one (`follows`),
+        or this one for others, by pass index (`batch/reuse.py`)."""
         blocked = self.stage.blocks and t.block_rows > 0
         blocks = self.blocks(t, band)
         # on CUDA the chunks are on the device already (uploaded by the reader): this converts the dtype only
@@ -95,9 +107,15 @@ class BandRunner:
         for p in band.passes:
             if p < len(reduces):
                 red = reduces[p]
+                share = shares.get(p) if shares else None
                 if band.r0 == 0:
                     states[band.tensor] = red.init(job, stats)
                 state = states[band.tensor]
+                if share is not None and share.follows:
+                    if band.r1 == t.rows:
+                        computed = share.wait(self.halt)
+                        stats.append(red.finish(red.adopt(states.pop(band.tensor), computed), job, stats))
+                    continue
                 if red.merge is not None and len(blocks) > 1:
                     def part(a: int, b: int):
                         st = red.init(job, stats)
@@ -115,7 +133,10 @@ class BandRunner:
                     self.map(t, job, band, blocks, chunks_of, [*stats, so_far])
                     return
                 if band.r1 == t.rows:
-                    stats.append(red.finish(states.pop(band.tensor), job, stats))
+                    state = states.pop(band.tensor)
+                    if share is not None:
+                        share.publish(state)
+                    stats.append(red.finish(state, job, stats))
                 continue
             self.map(t, job, band, blocks, chunks_of, stats)
 

@@ -4,7 +4,9 @@ One reader thread reads each group's band of all its inputs into a pool slot; ea
 thread runs that band, in its member's own sub-bands, through the output's `BandRunner` (sharing the
 block workers); each output has its own output slots, writer thread and shard sink, so its folder is committed exactly as a run of its
 plan alone would commit it, and its bytes are the same (every method's result is independent of where
-bands begin and end). The threads share one stop flag: a failure anywhere stops the whole batch.
+bands begin and end). A reduce pass that several outputs would compute alike over the same inputs (TIES's
+|δ| histogram at several densities) is computed by the first of them and adopted by the others
+(`reuse.py`). The threads share one stop flag: a failure anywhere stops the whole batch.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..runner import BandRunner, resolve_reduces
 from ..sink import ShardSink, write_all
 from ..stage import HostStage
 from .groups import Group, group_tensors
+from .reuse import SharedPass, adopted, plan_shares
 
 
 @dataclass
@@ -48,6 +51,7 @@ class SharedResult:
     nonfinite: list[list[str]]
     bytes_read: int = 0                      # from the input files, each shared band counted once
     rounds: dict[str, int] = field(default_factory=dict)
+    passes_adopted: int = 0                  # tensor passes computed once for several outputs (reuse.py)
 
 
 @dataclass
@@ -114,6 +118,8 @@ class SharedExecutor:
         self.lane_threads: list[ThreadPoolExecutor] = []
         self.pending: list[Future] = []
         self._progress_lock = threading.Lock()
+        self.shares: dict[tuple[int, int], dict[int, SharedPass]] = {}
+        self.passes_adopted = 0
 
     def total_bytes(self) -> int:
         """What the run reads from the input files: the progress bar's total."""
@@ -158,7 +164,8 @@ class SharedExecutor:
                     torch.set_num_threads(threads)
         self.halt.raise_first()
         return SharedResult([lane.stats for lane in self.lanes], [lane.nonfinite for lane in self.lanes],
-                            self.bytes_read, {g.name: g.rounds for g in self.groups if g.rounds > 1})
+                            self.bytes_read, {g.name: g.rounds for g in self.groups if g.rounds > 1},
+                            self.passes_adopted)
 
     def _read_all(self) -> None:
         try:
@@ -213,6 +220,12 @@ class SharedExecutor:
         the others, and a cheap output runs up to the reader's prefetch ahead of a costly one. Each lane
         runs its bands in order and owns its runner, states, output slots and writer."""
         g = self.groups[band.group]
+        if band.round == 0 and band.r0 == 0:
+            shares = plan_shares(g, [lane.spec for lane in self.lanes], [lane.out.plan.seed for lane in self.lanes])
+            self.passes_adopted += adopted(shares)
+            for m, mine in zip(g.members, shares):
+                if mine:
+                    self.shares[(m.output, m.tensor)] = mine
         owned: set[int] = set()
         work: list[tuple] = []
         for m in g.members:
@@ -267,8 +280,11 @@ class SharedExecutor:
             stats.bytes_read += sub.nbytes
             stats.bytes_shared += (b - a) * shared_row
             t0, waited = time.perf_counter(), lane.runner.write_wait
-            lane.runner.run_band(t, job, reduces, sub, lane.states, lane.tensor_stats[m.tensor])
+            lane.runner.run_band(t, job, reduces, sub, lane.states, lane.tensor_stats[m.tensor],
+                                 self.shares.get((m.output, m.tensor)))
             stats.compute_s += time.perf_counter() - t0 - (lane.runner.write_wait - waited)
         if band.r1 == t.rows and band.round == len(groups) - 1:
             lane.jobs.pop(m.tensor, None)
             lane.tensor_stats.pop(m.tensor, None)
+            mine = self.shares.pop((m.output, m.tensor), None)
+            stats.passes_adopted += sum(s.follows for s in mine.values()) if mine else 0

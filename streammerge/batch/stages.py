@@ -36,6 +36,7 @@ class StageResult:
     peak_rss: int = 0
     needs: tuple[str, ...] = ()
     bytes_shared: int = 0                 # of bytes_read, read once for an earlier stage of its wave
+    passes_adopted: int = 0               # tensor passes an earlier stage of its wave computed for it
     shared_with: tuple[str, ...] = ()     # the stages it was built with in one shared-read run
     wave_bytes_read: int = 0              # that run's input bytes read from the files ...
     wave_bytes_alone: int = 0             # ... and what its stages would read one after another
@@ -195,7 +196,8 @@ def _result(stage: Stage, status: str, seconds: float, report) -> StageResult:
     j = report.to_json()
     shared = sum(s.bytes_shared for s in report.shards)
     return StageResult(stage.name, str(Path(report.out_dir)), status, seconds, j["bytes_read"], j["bytes_written"],
-                       report.peak_rss, stage.needs, bytes_shared=shared, shards=j["shards"])
+                       report.peak_rss, stage.needs, bytes_shared=shared,
+                       passes_adopted=sum(s.passes_adopted for s in report.shards), shards=j["shards"])
 
 
 def check_stages(recipe: Path, stages: list[Stage], outdir: Path, options: RunOptions,

@@ -84,6 +84,9 @@ def _batch(args: argparse.Namespace, console) -> int:
         if summary["bytes_alone"] > summary["bytes_from_files"]:
             out.print(f"read {summary['bytes_from_files'] / 1e9:.2f} GB from the input files; one stage at a time "
                       f"would read {summary['bytes_alone'] / 1e9:.2f} GB", highlight=False)
+        if summary["passes_adopted"]:
+            out.print(f"{summary['passes_adopted']} tensor passes computed once for several stages (the same "
+                      "reduce over the same inputs, e.g. TIES's |δ| histogram at several densities)", highlight=False)
     if args.report:
         Path(args.report).write_text(json.dumps({"recipe": str(recipe), **summary,
                                                  "stages": [r.to_json() for r in results]}, indent=2) + "\n")
@@ -100,7 +103,7 @@ def _summary(results) -> dict:
             alone_read += r.bytes_read
     disk = alone_read + sum(d for d, _ in waves.values())
     alone = alone_read + sum(a for _, a in waves.values())
-    return {"bytes_from_files": disk, "bytes_alone": alone}
+    return {"bytes_from_files": disk, "bytes_alone": alone, "passes_adopted": sum(r.passes_adopted for r in results)}
 
 
 COMMANDS = (

@@ -97,7 +97,9 @@ def magnitude_reduces(job: TensorJob, kind: str, rescale: bool) -> tuple[Reduce,
                     f.finish_pass(p)
             return shared
 
-        return Reduce("histogram" if p == 0 else f"histogram_refine{p}", init, update, finish, merge)
+        if p:   # a refine pass follows the coarse bins of the member's own ranks: not shared
+            return Reduce(f"histogram_refine{p}", init, update, finish, merge)
+        return Reduce("histogram", init, update, finish, merge, share=_histogram_key, adopt=_adopt_counts)
 
     def count_init(job: TensorJob, stats: Sequence[Any]) -> dict:
         return {"finders": stats[-1], "eq": [[] for _ in others], "l1": [[] for _ in others],
@@ -133,6 +135,17 @@ def magnitude_reduces(job: TensorJob, kind: str, rescale: bool) -> tuple[Reduce,
     # order, band by band, the map's own read can do the counting. The L1 factor needs every row first.
     so_far = None if rescale else count_finish
     return passes + (Reduce("tie_counts", count_init, count_update, count_finish, count_merge, so_far),)
+
+
+def _histogram_key(job: TensorJob) -> tuple:
+    """The first histogram pass counts |δ| of every masked model, whatever its density or kind."""
+    others = [i for i in range(len(job.model_params)) if i != job.base]
+    return ("magnitude_histogram", job.compute_code, job.base, job.numel, tuple(needs_mask(job, i) for i in others))
+
+
+def _adopt_counts(mine: tuple, computed: tuple) -> tuple:
+    """Own finders (own ranks), the computed pass's counts (finish only reads them)."""
+    return mine[0], computed[1]
 
 
 def _thresholds(f: KthMagnitude) -> tuple[Threshold, ...]:

@@ -8,7 +8,7 @@ is a single row band; statistics that need the whole tensor come from its reduce
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Literal, Mapping, Protocol, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -118,7 +118,14 @@ class Reduce:
     `so_far(state, job, stats)`, when given, is the statistic of the rows folded so far, all that the
     map of those rows needs (TIES's tie counts: equal elements before each row). The planner may then
     fold this last reduce into the map's read of a tensor too big for one band (`plan.passes`): each
-    band is folded, then mapped, in row order, and the tensor is read once less."""
+    band is folded, then mapped, in row order, and the tensor is read once less.
+
+    `share(job)`, when given, is a key of everything the pass's state depends on besides the input
+    tensors (TIES's |δ| histogram: the dtype and which models are masked, not the density): a batch
+    whose outputs give the same key over the same inputs computes the pass once (`batch/reuse.py`), and
+    the others build their state with `adopt(own_state_from_init, computed_state)` before their own
+    `finish`. The computed state may be adopted while its own `finish` runs: finish must only read
+    what adopt takes."""
 
     name: str
     init: Callable[[TensorJob, Sequence[Any]], Any]
@@ -126,6 +133,8 @@ class Reduce:
     finish: Callable[[Any, TensorJob, Sequence[Any]], Any]
     merge: Callable[[Any, Any], None] | None = None
     so_far: Callable[[Any, TensorJob, Sequence[Any]], Any] | None = None
+    share: Callable[[TensorJob], Hashable | None] | None = None
+    adopt: Callable[[Any, Any], Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -241,12 +241,12 @@ def test_a_failing_output_stops_the_whole_shared_run_with_its_error(tmp_path, ti
     stages = parse_recipe(recipe.read_text())
     real, calls = BandRunner.run_band, {"lin": 0}
 
-    def flaky(self, t, job, reduces, band, states, stats):
+    def flaky(self, t, job, reduces, band, states, stats, *rest):
         if self.plan.method == "linear":
             calls["lin"] += 1
             if calls["lin"] == 3:
                 raise RuntimeError("boom in the linear lane")
-        return real(self, t, job, reduces, band, states, stats)
+        return real(self, t, job, reduces, band, states, stats, *rest)
 
     monkeypatch.setattr(BandRunner, "run_band", flaky)
     result: dict = {}
