@@ -25,11 +25,26 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def checkout_kernels_on_path() -> bool:
+    """Whether a top-level `import kernels` would load this checkout's `kernels/` folder.
+
+    The name is also Hugging Face's `kernels` distribution (transformers >= 5.25 depends on it and
+    imports it); that one is fine, a second copy of ours is not.
+    """
+    import importlib.util
+
+    mod = sys.modules.get("kernels")
+    spec = getattr(mod, "__spec__", None) if mod is not None else importlib.util.find_spec("kernels")
+    places = [spec.origin or "", *(spec.submodule_search_locations or [])] if spec else []
+    return any(Path(p).resolve().is_relative_to(_ROOT / "kernels") for p in places if p)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _no_second_kernels_copy():
-    """`kernels/` is installed as streammerge.kernels; a bare `import kernels` would load a second copy."""
+    """`kernels/` is installed as streammerge.kernels; a bare `import kernels` of it would load a second copy."""
     yield
-    assert "kernels" not in sys.modules, "something imported the top-level 'kernels' package; use streammerge.kernels"
+    assert not ("kernels" in sys.modules and checkout_kernels_on_path()), (
+        "something imported the checkout's 'kernels/' folder as a top-level package; use streammerge.kernels")
 
 
 @pytest.fixture(scope="session")

@@ -163,10 +163,13 @@ def test_refuses_to_overwrite_and_checks_the_base(tmp_path: Path) -> None:
 def transformers(monkeypatch: pytest.MonkeyPatch):
     """transformers, kept from importing the repo's `kernels/` folder as the HF `kernels` package.
 
-    transformers probes `importlib.util.find_spec("kernels")` and, finding our checkout's folder on
-    sys.path with no distribution metadata, imports it; a None entry in sys.modules makes the probe miss.
+    transformers probes for a package named `kernels` (Hugging Face's, a dependency from 5.25 on);
+    where the only one it would find is our checkout's folder, a None entry in sys.modules hides it.
     """
-    monkeypatch.setitem(sys.modules, "kernels", None)
+    from conftest import checkout_kernels_on_path
+
+    if "kernels" not in sys.modules and checkout_kernels_on_path():
+        monkeypatch.setitem(sys.modules, "kernels", None)
     return pytest.importorskip("transformers", reason="transformers is not installed")
 
 
