@@ -35,14 +35,31 @@ def equal_per_row16(out, bits, th):
 
 @nb.njit(nogil=True, cache=True)
 def topk_mask16(out, bits, th, room):
-    """Keys above ``th``, plus the first ``room`` keys equal to it; returns the count of equal keys."""
-    seen = 0
-    for i in range(bits.size):
+    """Keys above ``th``, plus the first ``room`` keys equal to it; returns the count of equal keys.
+
+    The first loop carries no state between elements, so it vectorizes; the in-order pick of equal
+    keys runs only when some but not all of them are kept (a few thousand per block at most).
+    """
+    n = bits.size
+    n_equal = 0
+    for i in range(n):
         key = np.int64(bits[i] & _KEY)
-        eq = key == th
-        out[i] = (key > th) | (eq & (seen < room))
-        seen += eq
-    return seen
+        out[i] = key > th
+        n_equal += key == th
+    if room <= 0 or n_equal == 0:
+        return n_equal
+    if room >= n_equal:
+        for i in range(n):
+            out[i] |= np.int64(bits[i] & _KEY) == th
+        return n_equal
+    left = room
+    for i in range(n):
+        if np.int64(bits[i] & _KEY) == th:
+            out[i] = True
+            left -= 1
+            if left == 0:
+                break
+    return n_equal
 
 
 # The dispatch table's numba implementations of the histogram ops: the ops' own names and arguments
