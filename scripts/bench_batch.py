@@ -9,7 +9,9 @@ and whether every batch output is byte-identical to its config run alone (issue 
 
 Uses DATA/PRESET/{base,expert_*} where they exist, else writes them with streammerge.synth. The page
 cache is warm for every run (the first run warms it; say so in the figures). --cold drops it before each
-run (root only).
+run (root only). --repeat N runs the streammerge ones N rounds, interleaved (each config alone, then the
+batch, per round), and reports each row's median wall time with every run's figure beside it: on a
+small shared machine one run's wall time varies by a third.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/batch-bench"))
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each run (root)")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of the streammerge runs (median reported)")
     ap.add_argument("--out", type=Path, help="append the markdown table to this file")
     args = ap.parse_args(argv)
 
@@ -82,21 +85,29 @@ def main(argv: list[str] | None = None) -> int:
     for doc in docs:
         cfg = args.work / f"{doc['name']}.yml"
         cfg.write_text(yaml.safe_dump({k: v for k, v in doc.items() if k != "name"}, sort_keys=False))
-        out, rep = args.work / "alone" / doc["name"], args.work / f"{doc['name']}.json"
-        row = timed(f"alone-{doc['name']}", [sm, "run", str(cfg), str(out), "--max-memory", args.max_memory,
-                                               "--no-progress", "--report", str(rep)])
-        row["bytes_read"] = json.loads(rep.read_text())["bytes_read"] if row["rc"] == 0 else 0
-        rows.append(("streammerge run", doc["name"], row))
-        digests[doc["name"]] = _digests(out)
-        shutil.rmtree(out)
-    rep = args.work / "batch.json"
-    row = timed("batch", [sm, "batch", str(recipe), str(args.work / "batch"), "--max-memory", args.max_memory,
-                          "--no-progress", "--report", str(rep)])
-    batch = json.loads(rep.read_text()) if row["rc"] == 0 else {"bytes_from_files": 0, "bytes_alone": 0}
-    row["bytes_read"] = batch["bytes_from_files"]
-    rows.append(("streammerge batch", "all four, shared reads", row))
-    identical = all(_digests(args.work / "batch" / d["name"]) == digests[d["name"]] for d in docs)
-    shutil.rmtree(args.work / "batch", ignore_errors=True)
+    runs: dict[str, list[dict]] = {}
+    identical = True
+    for rnd in range(args.repeat):
+        for doc in docs:
+            out, rep = args.work / "alone" / doc["name"], args.work / f"{doc['name']}.json"
+            row = timed(f"alone-{doc['name']}", [sm, "run", str(args.work / f"{doc['name']}.yml"), str(out),
+                                                   "--max-memory", args.max_memory, "--no-progress", "--report", str(rep)])
+            row["bytes_read"] = json.loads(rep.read_text())["bytes_read"] if row["rc"] == 0 else 0
+            runs.setdefault(doc["name"], []).append(row)
+            if rnd == 0:
+                digests[doc["name"]] = _digests(out)
+            shutil.rmtree(out)
+        rep = args.work / "batch.json"
+        row = timed("batch", [sm, "batch", str(recipe), str(args.work / "batch"), "--max-memory", args.max_memory,
+                              "--no-progress", "--report", str(rep)])
+        batch = json.loads(rep.read_text()) if row["rc"] == 0 else {"bytes_from_files": 0, "bytes_alone": 0}
+        row["bytes_read"] = batch["bytes_from_files"]
+        runs.setdefault("batch", []).append(row)
+        identical &= all(_digests(args.work / "batch" / d["name"]) == digests[d["name"]] for d in docs)
+        shutil.rmtree(args.work / "batch", ignore_errors=True)
+    for name, rs in runs.items():
+        rows.append(("streammerge batch" if name == "batch" else "streammerge run",
+                     "all four, shared reads" if name == "batch" else name, _median(rs)))
     mk_total = 0.0
     if not args.skip_mergekit:
         for doc in docs:
@@ -112,12 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     alone_sum = sum(r["wall_s"] for tool, _, r in rows if tool == "streammerge run")
     batch_row = next(r for tool, _, r in rows if tool == "streammerge batch")
     lines = [f"{bm.machine()}; commit {bm.commit()}; {args.preset} family, base + {args.experts} experts, "
-             f"--max-memory {args.max_memory}, {'cold' if args.cold else 'warm'} page cache",
+             f"--max-memory {args.max_memory}, {'cold' if args.cold else 'warm'} page cache"
+             + (f"; streammerge rows: median of {args.repeat} interleaved rounds" if args.repeat > 1 else ""),
              "", "| tool | config | wall s | peak RSS GiB | CPU s | input GB read |", "|---|---|---:|---:|---:|---:|"]
     for tool, name, r in rows:
         fail = f" (rc {r['rc']})" if r["rc"] else ""
         read = f"{r['bytes_read'] / 1e9:.2f}" if r["bytes_read"] else "—"
-        lines.append(f"| {tool}{fail} | {name} | {r['wall_s']:.1f} | {r['peak_rss'] / GiB:.2f} | {r['cpu_s']:.1f} "
+        each = f" ({', '.join(f'{w:.1f}' for w in r['walls'])})" if len(r.get("walls", [])) > 1 else ""
+        lines.append(f"| {tool}{fail} | {name} | {r['wall_s']:.1f}{each} | {r['peak_rss'] / GiB:.2f} | {r['cpu_s']:.1f} "
                      f"| {read} |")
     lines += ["", f"batch / slowest single: {batch_row['wall_s'] / slowest:.2f}× "
                   f"(the four alone, one after another: {alone_sum:.1f} s); input bytes read by the batch: "
@@ -132,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "a") as f:
             f.write(text + "\n")
     return 0 if identical and all(r["rc"] == 0 for _, _, r in rows) else 1
+
+
+def _median(rs: list[dict]) -> dict:
+    """The run with the median wall time (the lower middle one for an even count), with every wall time."""
+    mid = sorted(rs, key=lambda r: r["wall_s"])[(len(rs) - 1) // 2]
+    return {**mid, "rc": max(r["rc"] for r in rs), "walls": [r["wall_s"] for r in rs]}
 
 
 if __name__ == "__main__":
