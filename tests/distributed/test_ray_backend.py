@@ -112,6 +112,37 @@ def test_worker_killed_without_retries_then_resume_reruns_only_missing_shards(cl
     assert _files(out) == _files(ref) and not list(out.rglob("*.partial"))
 
 
+@pytest.mark.slow
+def test_batch_on_ray_runs_each_stage_to_the_local_bytes(cluster, tiny_family, tmp_path, monkeypatch):
+    """`batch --backend ray`: every stage of a two-stage recipe is a Ray run (one task per shard), its
+    tensors byte-identical to the local batch's; the later stage reads the earlier one's output."""
+    import yaml
+
+    from streammerge import ray_backend
+
+    sent: list[int] = []
+    real = ray_backend.ray_shards
+    monkeypatch.setattr(ray_backend, "ray_shards", lambda *a, **kw: sent.append(1) or real(*a, **kw))
+    base, experts = tiny_family
+    first = {"name": "s1", **_config((base, experts[:2]))}
+    second = {"name": "s2", "merge_method": "linear", "dtype": "bfloat16",
+              "models": [{"model": "s1", "parameters": {"weight": 0.5}},
+                         {"model": str(experts[2]), "parameters": {"weight": 0.5}}]}
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump_all([first, second], sort_keys=False))
+    flags = ["--no-progress", "--out-shard-size", str(SHARD)]
+    assert main(["batch", str(recipe), str(tmp_path / "local"), *flags]) == 0
+    assert not sent
+    assert main(["batch", str(recipe), str(tmp_path / "ray"), "--backend", "ray", *flags]) == 0
+    assert len(sent) == 2, "each stage goes to Ray"
+    for stage in ("s1", "s2"):
+        local, on_ray = (sorted((tmp_path / d / stage).glob("*.safetensors")) for d in ("local", "ray"))
+        assert len(local) >= 3 and [f.name for f in local] == [f.name for f in on_ray]
+        assert all(a.read_bytes() == b.read_bytes() for a, b in zip(local, on_ray)), stage
+    # the first stage names no folder of the batch, so even its manifest is the same
+    assert _files(tmp_path / "local" / "s1") == _files(tmp_path / "ray" / "s1")
+
+
 def test_missing_ray_is_a_clear_error(ties_cfg, tmp_path, monkeypatch):
     cfg = ties_cfg
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
