@@ -13,8 +13,8 @@ import torch
 from . import dispatch
 from .vote import bf16_bits
 
-__all__ = ["NEARSWAP_FLOOR", "multislerp_fused", "nearswap_mix", "ram_counts_fused", "ram_fused", "slerp_fused",
-           "stock_mix"]
+__all__ = ["NEARSWAP_FLOOR", "fusion_mix", "multislerp_fused", "nearswap_mix", "ram_counts_fused", "ram_fused",
+           "slerp_fused", "stock_mix"]
 
 NEARSWAP_FLOOR = 1e-6
 
@@ -74,6 +74,34 @@ def nearswap_mix_numba(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tens
 def nearswap_mix_torch(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     weight = (t / (a - b).abs().clamp(min=NEARSWAP_FLOOR)).clamp(min=0, max=1)
     return weight * b + (1 - weight) * a
+
+
+def fusion_mix(b: torch.Tensor, f: torch.Tensor, kl: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """arcee_fusion's map: ``d = f - b``; ``b + d * (|d| * kl >= threshold)`` in float32, with ``kl``
+    one value per row (``[*f.shape[:-1], 1]``) and ``threshold`` a one-element tensor."""
+    return dispatch.call("fusion_mix", f.device, b, f, kl, threshold)
+
+
+def fusion_mix_fits_numba(b: torch.Tensor, f: torch.Tensor, kl: torch.Tensor, threshold: torch.Tensor) -> bool:
+    return (_fused(b, f, kl, threshold) and f.dim() >= 1 and b.shape == f.shape and threshold.numel() == 1
+            and kl.numel() * f.shape[-1] == f.numel())
+
+
+def fusion_mix_numba(b: torch.Tensor, f: torch.Tensor, kl: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    import numpy as np
+
+    from ._numba import blend as kernel
+
+    out = torch.empty(f.shape, dtype=torch.float32)
+    kernel.fusion_bf16(out.numpy().reshape(-1, f.shape[-1]), bf16_bits(b).reshape(-1, f.shape[-1]),
+                       bf16_bits(f).reshape(-1, f.shape[-1]), bf16_bits(kl).reshape(-1),
+                       np.float32(threshold.float().item()))
+    return out
+
+
+def fusion_mix_torch(b: torch.Tensor, f: torch.Tensor, kl: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    d = f - b
+    return b + d * (d.abs() * kl >= threshold).float()
 
 
 # The *_fused maps return None from their torch row: the caller then runs its eager reference (in the

@@ -1,4 +1,4 @@
-"""Fused bf16 maps of model_stock (one ratio per tensor), nearswap, nuslerp (one angle per tensor),
+"""Fused bf16 maps of model_stock (one ratio per tensor), nearswap, arcee_fusion, nuslerp (one angle per tensor),
 multislerp, ram and ramplus_tl, bit-identical to their eager torch chains (each elementwise op computed in
 float32 and rounded to bf16, as torch rounds it; fp32 where mergekit promotes).
 
@@ -53,6 +53,25 @@ def nearswap_bf16(out, a, b, t, floor):
         w = rnd(rnd(one / gap) * t)
         w = min(max(w, zero), one)
         out[i] = f2bf(rnd(w * y) + rnd(rnd(one - w) * x))
+
+
+@nb.njit(nogil=True, cache=True, error_model="numpy")
+def fusion_bf16(out, b, f, kl, threshold):
+    """arcee_fusion's map per row: ``d = f - b`` (bf16), kept where ``|d| * kl[row]`` (bf16) is at least
+    the threshold, added to ``b`` in float32 (``d * 0.0`` keeps its sign, as the eager product does)."""
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    rows, n = out.shape
+    for r in range(rows):
+        k = bf2f(kl[r])
+        br = b[r]
+        fr = f[r]
+        orow = out[r]
+        for j in range(n):
+            x = bf2f(br[j])
+            d = rnd(bf2f(fr[j]) - x)
+            m = one if rnd(abs(d) * k) >= threshold else zero
+            orow[j] = x + d * m
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")

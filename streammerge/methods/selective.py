@@ -221,27 +221,14 @@ def _kl(f: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     import torch
     import torch.nn.functional as F
 
-    p = F.softmax(f, dim=-1) + 1e-8
-    q = F.softmax(b, dim=-1) + 1e-8
-    return torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    p = F.softmax(f, dim=-1).add_(1e-8)   # in place: the same elementwise bits, 3 temporaries not 7
+    q = F.softmax(b, dim=-1).add_(1e-8)
+    return torch.sum(torch.div(p, q, out=q).log_().mul_(p), dim=-1, keepdim=True)
 
 
 def _pair(job: TensorJob, chunks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     (f,) = nonbase(job, chunks)
     return chunks[job.base], f
-
-
-def sample_positions(seed: int, stream: int, n: int, count: int = _SAMPLE) -> torch.Tensor:
-    """`count` flat positions in [0, n), uniform with replacement, from 53 random bits each; sorted."""
-    from ..kernels.philox import philox_words
-
-    import numpy as np
-    import torch
-
-    words = philox_words(seed, stream, 0, 2 * count).view(count, 2)
-    u = (((words[:, 0] >> 11) << 32) | words[:, 1]).double() * 2.0 ** -53   # exact: 53 bits
-    pos = (u * n).floor().long().clamp_(max=n - 1)
-    return torch.from_numpy(np.sort(pos.numpy()))   # numpy's sort of int64: ~0.6x torch.sort's time
 
 
 def order_statistics(values: torch.Tensor, quantiles: Sequence[float]) -> torch.Tensor:
@@ -270,8 +257,9 @@ def _fusion_reduces(job: TensorJob) -> tuple[Reduce, ...]:
             if "pos" not in cache:
                 model = job.model_ids[next(i for i in range(len(job.model_ids)) if i != job.base)]
                 from ..kernels.philox import stream_id
+                from ..kernels.sample import sample_positions
 
-                cache["pos"] = sample_positions(job.seed % (1 << 64), stream_id(model, job.name), job.numel)
+                cache["pos"] = sample_positions(job.seed % (1 << 64), stream_id(model, job.name), job.numel, _SAMPLE)
             return cache["pos"]
 
     def init(job: TensorJob, stats: Sequence[Any]) -> dict[str, list]:
@@ -281,15 +269,14 @@ def _fusion_reduces(job: TensorJob) -> tuple[Reduce, ...]:
         import torch
         b, f = _pair(job, chunks)
         kl = rowwise(_kl, f, b)
-        diff = (f - b).abs()
-        if sampled:
+        if sampled:   # |f - b| only where the sample looks: elementwise, so the same bits
             start = row0 * job.row_elems
             pos = positions()
-            lo, hi = torch.searchsorted(pos, torch.tensor([start, start + diff.numel()])).tolist()
-            at = pos[lo:hi].to(diff.device) - start
-            imp = diff.reshape(-1)[at] * kl.reshape(-1)[at // diff.shape[-1]]
+            lo, hi = torch.searchsorted(pos, torch.tensor([start, start + f.numel()])).tolist()
+            at = pos[lo:hi].to(f.device) - start
+            imp = (f.reshape(-1)[at] - b.reshape(-1)[at]).abs() * kl.reshape(-1)[at // f.shape[-1]]
         else:
-            imp = (diff * kl).reshape(-1)
+            imp = ((f - b).abs() * kl).reshape(-1)
         state["kl"].append((row0, kl.reshape(-1).cpu()))
         state["imp"].append(imp.cpu())
 
@@ -308,15 +295,15 @@ def _fusion_reduces(job: TensorJob) -> tuple[Reduce, ...]:
 
 def _fusion_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
     """The importance |f - b| · KL(row) from the KL values the reduce pass kept: no second softmax."""
+    from ..kernels.blend import fusion_mix
+
     b, f = _pair(job, chunks)
     if job.numel == 0:
         return b.to(promote_fp32(b.dtype))
     per_row = f.numel() // f.shape[-1] if f.dim() else 1
     first = row0 * job.row_elems // f.shape[-1] if f.dim() >= 2 else 0
     kl = stats[0]["kl"][first:first + per_row].to(f.device).reshape(*f.shape[:-1], 1) if f.dim() else stats[0]["kl"][0]
-    d = f - b   # once: the same bits as mergekit's two subtractions
-    mask = (d.abs() * kl >= stats[0]["threshold"].to(d.device)).float()
-    return b + d * mask
+    return fusion_mix(b, f, kl, stats[0]["threshold"].to(f.device))   # one f - b: mergekit's two, same bits
 
 
 ARCEE_FUSION = MethodSpec(

@@ -16,11 +16,12 @@ pytest.importorskip("numba")
 
 from conftest import merge, shard_bytes  # noqa: E402
 from streammerge.kernels import dispatch  # noqa: E402
-from streammerge.kernels.blend import nearswap_mix, stock_mix  # noqa: E402
+from streammerge.kernels.blend import fusion_mix, nearswap_mix, stock_mix  # noqa: E402
 from streammerge.kernels.della import della_keep  # noqa: E402
 from streammerge.kernels.dots import SEGMENT, segment_dots  # noqa: E402
 from streammerge.kernels.norms import dare_row_l1, row_l1  # noqa: E402
 from streammerge.kernels.philox import bernoulli_keep, philox_uniform, philox_words  # noqa: E402
+from streammerge.kernels.sample import sample_positions  # noqa: E402
 from streammerge.kernels.vote import merge_deltas  # noqa: E402
 
 
@@ -49,6 +50,15 @@ def test_philox_words_uniforms_and_masks_match_torch(monkeypatch, start, count):
                lambda: bernoulli_keep(seed, stream, start, count, 1.0)):
         ref, got = both(monkeypatch, fn)
         assert ref.dtype == got.dtype and torch.equal(ref, got)
+
+
+# n: one radix pass (a 1-bit digit, 16 bits), two (17, 27, 32 bits), three (33 bits), four (62 bits)
+@pytest.mark.parametrize("n", [1, 2, 65536, 65537, 131_072_000, 2**32, 2**32 + 1, 2**62 - 1])
+def test_sampled_positions_are_the_torch_draws_sorted(monkeypatch, n):
+    ref, got = both(monkeypatch, lambda: sample_positions(2**64 - 5, 0x0123456789ABCDEF, n, 50_000))
+    assert got.dtype == torch.int64 and torch.equal(ref, got)
+    assert bool((got[1:] >= got[:-1]).all()) and 0 <= int(got[0]) and int(got[-1]) < n
+    assert n < 2**20 or got.unique().numel() > 45_000   # spread over the range, not piled up
 
 
 def _mix_inputs(k: int, n: int = 3001):
@@ -261,6 +271,24 @@ def test_nearswap_blend_is_bit_identical_to_the_eager_chain(monkeypatch, t):
     a, b = _close_pairs(30011, 7, -9, 1)
     ref, got = both(monkeypatch, lambda: nearswap_mix(a, b, t))
     assert torch.equal(bits(got), bits(ref))
+
+
+@pytest.mark.parametrize("quantile", [0.0, 0.5, 0.9, 1.0])
+def test_fusion_blend_is_bit_identical_to_the_eager_chain(monkeypatch, quantile):
+    rows, n = 37, 541
+    b, f = _close_pairs(rows * n, 11, -9, 1)
+    b, f = b.reshape(rows, n), f.reshape(rows, n)
+    f[0, :50] = b[0, :50]                      # d = 0 (and -0.0 where b is negative)
+    f[1, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")]).to(f.dtype)
+    g = torch.Generator().manual_seed(5)
+    kl = (torch.rand(rows, 1, generator=g) * 1e-3).to(torch.bfloat16)
+    kl[2], kl[3] = 0.0, -1e-5                  # a zero and a (rounding-)negative divergence
+    imp = ((f - b).abs() * kl).float().flatten()
+    threshold = imp[~imp.isnan()].quantile(quantile).reshape(1).to(torch.bfloat16)
+    ref, got = both(monkeypatch, lambda: fusion_mix(b, f, kl, threshold))
+    assert got.dtype == torch.float32 and torch.equal(bits(got), bits(ref))
+    kept = (got != b.float()).sum().item()
+    assert (quantile == 1.0 or kept > 0) and kept < rows * n   # both sides of the threshold are exercised
 
 
 FUSED_MAPS = {
