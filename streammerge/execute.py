@@ -10,8 +10,9 @@ single reads, blocks and model sweeps are the plan's fields. Its parts:
 
 Memory is bounded by construction: the reader can only fill a band when a pool slot is free (the
 pool has `prefetch + 1` slots, each sized for the largest band of the plan), and the writer queue
-holds at most `prefetch + 1` output bands. After each band the compute loop hands the heap's free
-pages back (`pipeline.trim_heap`), so allocator fragmentation cannot accumulate across bands.
+holds at most `prefetch + 1` output bands. After each band where resident memory is more than halfway
+from the planned peak to the budget, the compute loop hands the heap's free pages back
+(`pipeline.trim_heap`), so allocator fragmentation cannot accumulate across bands.
 
 A failure in any thread stops the others (pipeline.Halt): every wait on a queue or a pool polls the
 stop flag, and the run raises the first failure. The only waits that do not poll are CUDA event
@@ -80,6 +81,8 @@ class Executor:
         self.bands: queue.Queue = queue.Queue(maxsize=self.prefetch)
         self.writes: queue.Queue = queue.Queue(maxsize=self.prefetch + 1)
         self.nonfinite: list[str] = []
+        # free heap pages stay resident up to halfway from the planned peak to the budget
+        self.trim_above = (plan.peak_estimate + plan.budget) // 2 if plan.peak_estimate < plan.budget else 0
         self.runner = BandRunner(plan, self.spec, self.stage, self.halt, self.out_pool, self.writes, check_nonfinite,
                                  self.nonfinite)
 
@@ -143,7 +146,7 @@ class Executor:
             self.stats[t.shard].bytes_read += band.nbytes
             with self.stage.computing(band, t.shard, self.stats, write_wait):
                 self.runner.run_band(t, job, reduces, band, states, stats[band.tensor])
-            trim_heap()
+            trim_heap(self.trim_above)
             self.on_progress(band.nbytes)
             if band.r1 == t.rows and band.passes[-1] == t.passes - 1:
                 jobs.pop(band.tensor, None)
