@@ -20,8 +20,15 @@ NEARSWAP_FLOOR = 1e-6
 
 
 def _stacked(xs: Sequence[torch.Tensor]):
-    """The models' bits as one [K, n] array: a loop indexing a tuple of arrays by model stays scalar."""
-    return bf16_bits(torch.stack(list(xs))).reshape(len(xs), -1)
+    """The models' bits as one [K, n] array: a loop indexing a tuple of arrays by model stays scalar.
+    Copied into this thread's reused buffer (a fresh one per block faulted in every page); the
+    kernels read it within the call."""
+    from .scratch import scratch
+
+    flat = [x.reshape(-1) for x in xs]
+    buf = scratch("blend_stacked", (len(flat), flat[0].numel()), xs[0].dtype, xs[0].device)
+    torch.stack(flat, out=buf)
+    return bf16_bits(buf).reshape(len(xs), -1)
 
 
 def _fused(*xs: torch.Tensor) -> bool:

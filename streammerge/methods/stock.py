@@ -105,6 +105,7 @@ MODEL_STOCK = MethodSpec(
     params=(Param("filter_wise", False, kind="bool", doc="one interpolation ratio per row instead of per tensor"),),
     base="required",
     min_models=2,
+    block_elems=1 << 19,
     description="moves the base toward the average of the models by a ratio set by the angle between their "
                 "task vectors (Model Stock)",
     paper="https://arxiv.org/abs/2403.19522",
