@@ -308,6 +308,7 @@ def _fusion_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any]
 
 ARCEE_FUSION = MethodSpec(
     name="arcee_fusion",
+    block_elems=1 << 19,
     map=_fusion_map,
     reduce_plan=_fusion_reduces,
     base="required",

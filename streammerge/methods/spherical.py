@@ -172,6 +172,7 @@ def _nuslerp_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any
 
 NUSLERP = MethodSpec(
     name="nuslerp",
+    block_elems=1 << 19,
     map=_nuslerp_map,
     reduce_plan=_nuslerp_reduces,
     params=(
@@ -299,6 +300,7 @@ def _multislerp_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[
 
 MULTISLERP = MethodSpec(
     name="multislerp",
+    block_elems=1 << 19,
     map=_multislerp_map,
     reduce_plan=_multislerp_reduces,
     params=(

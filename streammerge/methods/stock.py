@@ -124,6 +124,7 @@ def _nearswap_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[An
 
 NEARSWAP = MethodSpec(
     name="nearswap",
+    block_elems=1 << 19,
     map=_nearswap_map,
     params=(Param("t", REQUIRED, check=in_range(None, None),
                   doc="similarity threshold: where |base - model| <= t the model's value is taken, farther "
