@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zlib
 from pathlib import Path
+
+try:  # ISA-L's CRC-32: the same values as zlib's, about 5x as fast on x86-64 and arm64 (19 vs 4 GB/s here)
+    from isal.isal_zlib import crc32
+except ImportError:  # platforms without its wheels
+    from zlib import crc32
 
 from .header import read_header
 
@@ -24,7 +28,7 @@ class ShardDigest:
     """The running checksum of one shard: `update` each tensor's bytes in order, then `hexdigest`."""
 
     def __init__(self, header: bytes, offsets: dict[str, int]):
-        self._header = zlib.crc32(header)
+        self._header = crc32(header)
         self._order = sorted(offsets, key=lambda n: (offsets[n], n))
         self._crc = dict.fromkeys(self._order, 0)
         self._next = dict.fromkeys(self._order, 0)
@@ -34,7 +38,7 @@ class ShardDigest:
         if byte_offset != self._next[name]:
             raise RuntimeError(f"internal: tensor {name!r} written at byte {byte_offset}, expected the bytes from "
                                f"{self._next[name]} first (the shard checksum needs every tensor in order)")
-        self._crc[name] = zlib.crc32(data, self._crc[name])
+        self._crc[name] = crc32(data, self._crc[name])
         self._next[name] += memoryview(data).nbytes
 
     def hexdigest(self) -> str:
@@ -64,7 +68,7 @@ def file_digest(path: str | os.PathLike) -> str:
                 n = os.preadv(f.fileno(), [view[: min(_READ_BYTES, t.end - pos)]], pos)
                 if n <= 0:
                     raise OSError(f"{path}: unexpected end of file at byte {pos}")
-                crc = zlib.crc32(view[:n], crc)
+                crc = crc32(view[:n], crc)
                 pos += n
             crcs.append((t.name, crc))
-    return _combine(zlib.crc32(head), crcs)
+    return _combine(crc32(head), crcs)

@@ -51,3 +51,19 @@ def test_out_of_order_bytes_are_refused(tmp_path):
         assert "expected the bytes from 4" in str(e)
     else:
         raise AssertionError("a gap in a tensor's bytes must be refused")
+
+
+def test_digest_is_zlibs_crc32_whichever_implementation_runs(tmp_path):
+    """A manifest written where ISA-L's CRC-32 runs must verify where only zlib's does, and back."""
+    import hashlib
+    import zlib
+
+    import numpy as np
+
+    raw = np.random.default_rng(1).integers(0, 256, size=3_000_001, dtype=np.uint8)
+    d = ShardDigest(b"head", {"t": 0})
+    for lo in range(0, raw.size, 777_777):
+        d.update("t", lo, raw[lo:lo + 777_777])
+    h = hashlib.sha256(f"header:{zlib.crc32(b'head'):08x}\n".encode())
+    h.update(f"t:{zlib.crc32(raw.tobytes()):08x}\n".encode())
+    assert d.hexdigest() == "crc32-sha256:" + h.hexdigest()
