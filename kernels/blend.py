@@ -1,6 +1,6 @@
-"""Elementwise maps of model_stock, nearswap, nuslerp, multislerp, ram and ramplus_tl in fused bf16 loops
-on CPU, with the bits of the eager torch expressions (mergekit 0.1.5's order of operations). model_stock's
-and nearswap's eager expressions live here; the others stay in their method modules and these functions
+"""Elementwise maps of model_stock, nearswap, slerp, nuslerp, multislerp, ram and ramplus_tl in fused bf16 loops
+on CPU, with the bits of the eager torch expressions (mergekit 0.1.5's order of operations). model_stock's,
+nearswap's and slerp's eager expressions live here; the others stay in their method modules and these functions
 return None where there is no fused path."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from . import dispatch
 from .vote import bf16_bits
 
-__all__ = ["NEARSWAP_FLOOR", "fusion_mix", "multislerp_fused", "nearswap_mix", "ram_counts_fused", "ram_fused",
-           "slerp_fused", "stock_mix"]
+__all__ = ["NEARSWAP_FLOOR", "fusion_mix", "multislerp_fused", "nearswap_mix", "pair_mix", "ram_counts_fused",
+           "ram_fused", "slerp_fused", "stock_mix"]
 
 NEARSWAP_FLOOR = 1e-6
 
@@ -81,6 +81,30 @@ def nearswap_mix_numba(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tens
 def nearswap_mix_torch(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     weight = (t / (a - b).abs().clamp(min=NEARSWAP_FLOOR)).clamp(min=0, max=1)
     return weight * b + (1 - weight) * a
+
+
+def pair_mix(a: torch.Tensor, b: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    """slerp's map: ``ca * a + cb * b`` in the coefficients' dtype (fp32 or fp64), rounded to ``a``'s."""
+    return dispatch.call("pair_mix", a.device, a, b, ca, cb)
+
+
+def pair_mix_fits_numba(a: torch.Tensor, b: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor) -> bool:
+    return _fused(a, b) and a.shape == b.shape and ca.dtype == cb.dtype == torch.float32
+
+
+def pair_mix_numba(a: torch.Tensor, b: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    import numpy as np
+
+    from ._numba import blend as kernel
+
+    out = torch.empty(a.shape, dtype=a.dtype)
+    kernel.pair_bf16(bf16_bits(out), bf16_bits(a), bf16_bits(b), np.float32(ca.item()), np.float32(cb.item()))
+    return out
+
+
+def pair_mix_torch(a: torch.Tensor, b: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
+    dt = ca.dtype
+    return (ca * a.to(dt) + cb * b.to(dt)).to(a.dtype)
 
 
 def fusion_mix(b: torch.Tensor, f: torch.Tensor, kl: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:

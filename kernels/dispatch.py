@@ -85,6 +85,7 @@ TABLE: dict[str, Op] = {
     "stock_mix": _op("blend", "blend", "stock_mix"),
     "nearswap_mix": _op("blend", "blend", "nearswap_mix"),
     "fusion_mix": _op("blend", "blend", "fusion_mix"),
+    "pair_mix": _op("blend", "blend", "pair_mix"),
     "multislerp_fused": _op("blend", "blend", "multislerp_fused"),
     "slerp_fused": _op("blend", "blend", "slerp_fused"),
     "ram_fused": _op("blend", "blend", "ram_fused"),

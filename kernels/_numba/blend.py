@@ -1,4 +1,4 @@
-"""Fused bf16 maps of model_stock (one ratio per tensor), nearswap, arcee_fusion, nuslerp (one angle per tensor),
+"""Fused bf16 maps of model_stock (one ratio per tensor), nearswap, slerp, arcee_fusion, nuslerp (one angle per tensor),
 multislerp, ram and ramplus_tl, bit-identical to their eager torch chains (each elementwise op computed in
 float32 and rounded to bf16, as torch rounds it; fp32 where mergekit promotes).
 
@@ -53,6 +53,13 @@ def nearswap_bf16(out, a, b, t, floor):
         w = rnd(rnd(one / gap) * t)
         w = min(max(w, zero), one)
         out[i] = f2bf(rnd(w * y) + rnd(rnd(one - w) * x))
+
+
+@nb.njit(nogil=True, cache=True, error_model="numpy")
+def pair_bf16(out, a, b, ca, cb):
+    """slerp's ``ca * a + cb * b`` in float32 (each product and the sum rounded to float32), then bf16."""
+    for i in range(out.size):
+        out[i] = f2bf(np.float32(ca * bf2f(a[i])) + np.float32(cb * bf2f(b[i])))
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")

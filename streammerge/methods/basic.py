@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
+from ._stats import Gram, all_pairs, gram_reduce
+from .registry import MethodSpec, Param, TensorJob, in_range
 
 if TYPE_CHECKING:
     import torch
@@ -84,43 +85,25 @@ PASSTHROUGH = MethodSpec(
 
 
 # -- slerp ------------------------------------------------------------------------------------------
-# Reduce: per row, fp64 sums of a², b², ab; across rows math.fsum (exactly rounded, so the result
-# does not depend on how rows were grouped into bands).
+# Reduce: exact sums of a², b², ab over the tensor (`_stats.Gram`: segment sums, exactly added), so the
+# result does not depend on how rows were grouped into bands.
 
-def _slerp_init(job: TensorJob, stats: Sequence[Any]) -> dict[str, list[float]]:
-    return {"aa": [], "bb": [], "ab": []}
-
-
-def _slerp_pair(job: TensorJob, chunks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _slerp_pair(job: TensorJob, chunks: Sequence[torch.Tensor]) -> tuple[None, list[torch.Tensor]]:
     assert job.base is not None
-    return chunks[job.base], chunks[1 - job.base]
+    return None, [chunks[job.base], chunks[1 - job.base]]
 
 
-def _slerp_update(state: dict[str, list[float]], job: TensorJob, chunks: list[torch.Tensor], row0: int) -> None:
-    a, b = _slerp_pair(job, chunks)
-    a = a.reshape(a.shape[0], -1).double() if a.dim() >= 2 else a.reshape(1, -1).double()
-    b = b.reshape(b.shape[0], -1).double() if b.dim() >= 2 else b.reshape(1, -1).double()
-    state["aa"].extend((a * a).sum(dim=1).tolist())
-    state["bb"].extend((b * b).sum(dim=1).tolist())
-    state["ab"].extend((a * b).sum(dim=1).tolist())
-
-
-def _slerp_merge(into: dict[str, list[float]], other: dict[str, list[float]]) -> None:
-    for key in into:
-        into[key].extend(other[key])
-
-
-def _slerp_finish(state: dict[str, list[float]], job: TensorJob, stats: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def _slerp_finish(g: Gram, job: TensorJob, stats: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """The two interpolation coefficients, computed in fp32 as mergekit does from the statistics."""
     import torch
     dt = torch.float64 if job.compute_dtype == torch.float64 else torch.float32
     eps, threshold = 1e-8, 0.9995
     t = torch.tensor(float(job.params["t"]), dtype=dt)
-    na = torch.tensor(math.sqrt(math.fsum(state["aa"])), dtype=dt)
-    nb = torch.tensor(math.sqrt(math.fsum(state["bb"])), dtype=dt)
+    na = torch.tensor(math.sqrt(g[0, 0]), dtype=dt)
+    nb = torch.tensor(math.sqrt(g[1, 1]), dtype=dt)
     na = torch.where(na > eps, na, 1)
     nb = torch.where(nb > eps, nb, 1)
-    dot = torch.tensor(math.fsum(state["ab"]) / (float(na) * float(nb)), dtype=dt).clamp(-1, 1)
+    dot = torch.tensor(g[0, 1] / (float(na) * float(nb)), dtype=dt).clamp(-1, 1)
     linear = dot.abs() > threshold
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
@@ -130,16 +113,18 @@ def _slerp_finish(state: dict[str, list[float]], job: TensorJob, stats: Sequence
 
 
 def _slerp_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any], row0: int) -> torch.Tensor:
-    a, b = _slerp_pair(job, chunks)
+    from ..kernels.blend import pair_mix
+
+    _, (a, b) = _slerp_pair(job, chunks)
     ca, cb = stats[0]
-    dt = ca.dtype
-    return (ca * a.to(dt) + cb * b.to(dt)).to(a.dtype)
+    return pair_mix(a, b, ca, cb)
 
 
 SLERP = MethodSpec(
     name="slerp",
+    block_elems=1 << 19,
     map=_slerp_map,
-    reduces=(Reduce("gram", _slerp_init, _slerp_update, _slerp_finish, _slerp_merge),),
+    reduces=(gram_reduce("gram", _slerp_pair, lambda job: all_pairs(2), _slerp_finish),),
     params=(Param("t", check=in_range(None, None), doc="interpolation position: 0 = base, 1 = the other model"),),
     base="required",
     min_models=1,

@@ -40,7 +40,7 @@ NUMBA_IMPORT_RSS = 56 << 20
 NUMBA_RSS = 176 << 20
 # Methods whose CPU path calls no numba kernel (held by tests/e2e/test_budget_floor.py: a run of each
 # reports no numba kernel); every other method is planned with NUMBA_RSS in its baseline.
-NUMBA_FREE = frozenset({"linear", "passthrough", "slerp"})
+NUMBA_FREE = frozenset({"linear", "passthrough"})
 
 
 def _numba_enabled() -> bool:

@@ -168,7 +168,6 @@ def test_the_methods_planned_without_numba_run_no_numba_kernel(family, request, 
     configs = {
         "linear": {"models": [{"model": m, "parameters": {"weight": 0.5}} for m in e]},
         "passthrough": {"models": [{"model": e[0], "parameters": {"scale": 0.5}}]},
-        "slerp": {"base_model": b, "parameters": {"t": 0.3}, "models": [{"model": b}, {"model": e[0]}]},
     }
     assert set(configs) == NUMBA_FREE
     for method, cfg in configs.items():

@@ -16,7 +16,7 @@ pytest.importorskip("numba")
 
 from conftest import merge, shard_bytes  # noqa: E402
 from streammerge.kernels import dispatch  # noqa: E402
-from streammerge.kernels.blend import fusion_mix, nearswap_mix, stock_mix  # noqa: E402
+from streammerge.kernels.blend import fusion_mix, nearswap_mix, pair_mix, stock_mix  # noqa: E402
 from streammerge.kernels.della import della_keep  # noqa: E402
 from streammerge.kernels.dots import SEGMENT, segment_dots  # noqa: E402
 from streammerge.kernels.norms import dare_row_l1, row_l1  # noqa: E402
@@ -291,22 +291,33 @@ def test_fusion_blend_is_bit_identical_to_the_eager_chain(monkeypatch, quantile)
     assert (quantile == 1.0 or kept > 0) and kept < rows * n   # both sides of the threshold are exercised
 
 
+@pytest.mark.parametrize("ca,cb", [(0.7, 0.3), (-0.25, 1.25), (1.0, 0.0), (3e-5, 0.99997)])
+def test_pair_blend_is_bit_identical_to_the_eager_chain(monkeypatch, ca, cb):
+    a, b = _close_pairs(30011, 13, -30, 30)
+    a[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3e38]).to(a.dtype)
+    b[4:6] = torch.tensor([float("inf"), 3e38]).to(b.dtype)
+    cas, cbs = torch.tensor(ca, dtype=torch.float32), torch.tensor(cb, dtype=torch.float32)
+    ref, got = both(monkeypatch, lambda: pair_mix(a, b, cas, cbs))
+    assert got.dtype == torch.bfloat16 and torch.equal(bits(got), bits(ref))
+
+
 FUSED_MAPS = {
     "nuslerp": ({"weight": 0.3}, {"weight": 0.7}),
     "multislerp": ({"weight": 0.2}, {"weight": 0.5}, {"weight": 0.3}),
     "model_stock": ({}, {}, {}),
     "nearswap": ({},),
+    "slerp": ({},),
     "ram": ({}, {}, {}),
     "ramplus_tl": ({}, {}, {}),
 }
-GLOBALS = {"nearswap": {"t": 0.002}, "ram": {"epsilon": 0.01}, "ramplus_tl": {"epsilon": 0.01, "r": 0.5, "alpha": 0.9}}
+GLOBALS = {"nearswap": {"t": 0.002}, "slerp": {"t": 0.3}, "ram": {"epsilon": 0.01}, "ramplus_tl": {"epsilon": 0.01, "r": 0.5, "alpha": 0.9}}
 
 
 @pytest.mark.parametrize("with_base", [False, True])
 @pytest.mark.parametrize("method", sorted(FUSED_MAPS))
 def test_fused_spherical_and_stock_maps_write_the_torch_bytes(tiny_family, tmp_path, monkeypatch, method, with_base):
     base, experts = tiny_family
-    if method in ("model_stock", "nearswap", "ram", "ramplus_tl") and not with_base:
+    if method in ("model_stock", "nearswap", "slerp", "ram", "ramplus_tl") and not with_base:
         pytest.skip(f"{method} needs a base")
     models = [{"model": str(e), "parameters": p} for e, p in zip(experts, FUSED_MAPS[method])]
     cfg = {"merge_method": method, "dtype": "bfloat16", "models": models,
