@@ -10,7 +10,7 @@ import math
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ._stats import Gram, all_pairs, gram_reduce
-from .registry import MethodSpec, Param, TensorJob, in_range
+from .registry import FUSED_BLOCK_ELEMS, MethodSpec, Param, TensorJob, in_range
 
 if TYPE_CHECKING:
     import torch
@@ -122,7 +122,7 @@ def _slerp_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any],
 
 SLERP = MethodSpec(
     name="slerp",
-    block_elems=1 << 19,
+    block_elems=FUSED_BLOCK_ELEMS,
     map=_slerp_map,
     reduces=(gram_reduce("gram", _slerp_pair, lambda job: all_pairs(2), _slerp_finish),),
     params=(Param("t", check=in_range(None, None), doc="interpolation position: 0 = base, 1 = the other model"),),

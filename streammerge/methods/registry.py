@@ -158,6 +158,11 @@ class ModelPass:
 MapFn = Callable[[TensorJob, list["torch.Tensor"], Sequence[Any], int], "torch.Tensor"]
 
 
+# The block of methods whose maps and reduces are fused compiled loops: per-block Python and the thread
+# hand-off are their cost, so they take the largest block the planner gives (plan.budget.BLOCK_ELEMS).
+FUSED_BLOCK_ELEMS = 1 << 19
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A method: its parameters, reduce passes and map. Every map is row-local (output rows depend only on
@@ -175,7 +180,7 @@ class MethodSpec:
     validate: Callable[[TensorJob], str | None] | None = None
     reduce_plan: Callable[[TensorJob], tuple[Reduce, ...]] | None = None  # reduces that depend on the tensor
     # CPU block size it runs best at: small where torch temporaries dominate (they stay in cache and
-    # under glibc's mmap threshold), large where fused kernels and reused buffers do the work.
+    # under glibc's mmap threshold), FUSED_BLOCK_ELEMS where fused kernels and reused buffers do the work.
     block_elems: int = 1 << 17
     model_pass: ModelPass | None = None
     # The dtype `map` returns for a loaded dtype when it is not that dtype (mergekit's ramplus_tl and

@@ -25,7 +25,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ._stats import HISTOGRAM_PASSES, ExactSum, as_rows, model_sum, nonbase, promote_fp32, rowwise, scalar, segment_sums
-from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
+from .registry import FUSED_BLOCK_ELEMS, MethodSpec, Param, Reduce, TensorJob, in_range
 
 if TYPE_CHECKING:
     import torch
@@ -308,7 +308,7 @@ def _fusion_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any]
 
 ARCEE_FUSION = MethodSpec(
     name="arcee_fusion",
-    block_elems=1 << 19,
+    block_elems=FUSED_BLOCK_ELEMS,
     map=_fusion_map,
     reduce_plan=_fusion_reduces,
     base="required",

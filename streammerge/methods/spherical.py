@@ -22,7 +22,7 @@ from ._stats import (
     ColumnSums, Gram, all_pairs, as_rows, gram_reduce, model_sum, nonbase, nonbase_params, rounded, rowwise,
     scalar,
 )
-from .registry import REQUIRED, MethodSpec, Param, Reduce, TensorJob, in_range
+from .registry import FUSED_BLOCK_ELEMS, REQUIRED, MethodSpec, Param, Reduce, TensorJob, in_range
 
 if TYPE_CHECKING:
     import torch
@@ -172,7 +172,7 @@ def _nuslerp_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[Any
 
 NUSLERP = MethodSpec(
     name="nuslerp",
-    block_elems=1 << 19,
+    block_elems=FUSED_BLOCK_ELEMS,
     map=_nuslerp_map,
     reduce_plan=_nuslerp_reduces,
     params=(
@@ -300,7 +300,7 @@ def _multislerp_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[
 
 MULTISLERP = MethodSpec(
     name="multislerp",
-    block_elems=1 << 19,
+    block_elems=FUSED_BLOCK_ELEMS,
     map=_multislerp_map,
     reduce_plan=_multislerp_reduces,
     params=(

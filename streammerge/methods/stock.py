@@ -15,7 +15,7 @@ import math
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ._stats import Gram, as_rows, gram_reduce, model_mean, model_sum, nonbase, promote_fp32, rowwise, scalar
-from .registry import REQUIRED, MethodSpec, Param, Reduce, TensorJob, in_range
+from .registry import FUSED_BLOCK_ELEMS, REQUIRED, MethodSpec, Param, Reduce, TensorJob, in_range
 
 if TYPE_CHECKING:
     import torch
@@ -105,7 +105,7 @@ MODEL_STOCK = MethodSpec(
     params=(Param("filter_wise", False, kind="bool", doc="one interpolation ratio per row instead of per tensor"),),
     base="required",
     min_models=2,
-    block_elems=1 << 19,
+    block_elems=FUSED_BLOCK_ELEMS,
     description="moves the base toward the average of the models by a ratio set by the angle between their "
                 "task vectors (Model Stock)",
     paper="https://arxiv.org/abs/2403.19522",
@@ -124,7 +124,7 @@ def _nearswap_map(job: TensorJob, chunks: list[torch.Tensor], stats: Sequence[An
 
 NEARSWAP = MethodSpec(
     name="nearswap",
-    block_elems=1 << 19,
+    block_elems=FUSED_BLOCK_ELEMS,
     map=_nearswap_map,
     params=(Param("t", REQUIRED, check=in_range(None, None),
                   doc="similarity threshold: where |base - model| <= t the model's value is taken, farther "

@@ -18,7 +18,7 @@ import math
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .magnitude import RESCALE_EPS, deltas, magnitude_masks, magnitude_reduces, model_param, model_pass, needs_mask
-from .registry import MethodSpec, Param, Reduce, TensorJob, in_range
+from .registry import FUSED_BLOCK_ELEMS, MethodSpec, Param, Reduce, TensorJob, in_range
 
 if TYPE_CHECKING:
     import torch
@@ -244,7 +244,7 @@ def _make(name: str, *, sparsify: str | None, consensus: bool, normalize: bool, 
                             f"epsilon {eps} for input {i}: lower epsilon below {min(dd, 1 - dd):g}")
         return None
 
-    return MethodSpec(name=name, map=map_fn, params=tuple(params), base="required", min_models=1, block_elems=1 << 19,
+    return MethodSpec(name=name, map=map_fn, params=tuple(params), base="required", min_models=1, block_elems=FUSED_BLOCK_ELEMS,
                       reduce_plan=reduce_plan, description=description, paper=paper, validate=validate,
                       model_pass=model_pass(sparsify) if magnitude else None)
 
