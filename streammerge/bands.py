@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import queue
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .io.reader import RowReader
+from .io.reader import RowReader, TensorSource
 from .pipeline import DONE, Halt, Pool
 from .plan.ir import Plan, TensorPlan
 from .report import ShardReport
@@ -72,12 +74,13 @@ def read_band(reader: RowReader, t: TensorPlan, r0: int, r1: int, buf: torch.Ten
 
 
 def read_all(plan: Plan, skip: frozenset[int], pool: Pool, stage, halt: Halt, stats: list[ShardReport],
-             bands: queue.Queue) -> None:
+             bands: queue.Queue, sources: Mapping[Path, TensorSource] | None = None) -> None:
     """The reader thread: every band of every tensor to compute, in plan order, then `DONE`."""
     try:
-        with RowReader() as reader:
+        with RowReader(sources) as reader:
             for ti, t in enumerate(plan.tensors):
                 if t.shard in skip or empty(t):
+                    reader.done_with(s.info for s in t.inputs)
                     continue
                 for passes in pass_groups(t):
                     for r0 in range(0, t.rows, t.rows_per_chunk):
@@ -89,6 +92,7 @@ def read_all(plan: Plan, skip: frozenset[int], pool: Pool, stage, halt: Halt, st
                         band = Band(ti, t.shard, passes, r0, r1, chunks, slot, band_bytes(t, r1 - r0))
                         stage.stage_in(band, halt)
                         halt.put(bands, band)
+                reader.done_with(s.info for s in t.inputs)
         halt.put(bands, DONE)
     except BaseException as e:  # the first failure of any thread is the run's
         halt.fail(e)

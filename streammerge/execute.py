@@ -24,6 +24,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch
 from .bands import read_all, slot_bytes
 from .errors import StreammergeError
 from .io.header import DTYPES
+from .io.reader import TensorSource
 from .methods import MethodSpec, TensorJob, get_method
 from .pipeline import DONE, Halt, Pool, trim_heap
 from .plan.ir import Plan
@@ -59,7 +61,10 @@ class Executor:
                  prefetch: int = 2, skip_shards: frozenset[int] = frozenset(),
                  on_progress: Callable[[int], None] | None = None,
                  on_shard_done: Callable[[int, ShardReport], None] | None = None, check_nonfinite: bool = True,
-                 durable: bool = True):
+                 durable: bool = True, sources: Mapping[Path, TensorSource] | None = None,
+                 sink: Callable[[list[ShardReport]], ShardSink] | None = None):
+        """`sources`: input files served from memory (a stage streamed into this one); `sink(stats)`: where
+        the finished bands go instead of the shards in `out_dir` (a stage streamed into another)."""
         self.plan = plan
         self.spec = spec if spec is not None else get_method(plan.method)
         if self.spec.name != plan.method:
@@ -71,7 +76,9 @@ class Executor:
         self.on_progress = on_progress or (lambda n: None)
         self.stats = [ShardReport(s.filename, skipped=i in skip_shards) for i, s in enumerate(plan.shards)]
         self.halt = Halt()
-        self.sink = ShardSink(plan, out_dir, self.stats, durable, skip_shards, on_shard_done or (lambda i, s: None))
+        self.sources = sources
+        self.sink = sink(self.stats) if sink is not None else ShardSink(
+            plan, out_dir, self.stats, durable, skip_shards, on_shard_done or (lambda i, s: None))
         slot = max((slot_bytes(t) for t in plan.tensors), default=1)
         pin = device.type == "cuda"
         self.pool = Pool(self.prefetch + 1, slot, pin=pin)
@@ -99,7 +106,8 @@ class Executor:
             self._stop_workers(threads)
             raise
         reader = threading.Thread(target=read_all, name="streammerge-reader", daemon=True,
-                                  args=(self.plan, self.skip, self.pool, self.stage, self.halt, self.stats, self.bands))
+                                  args=(self.plan, self.skip, self.pool, self.stage, self.halt, self.stats, self.bands,
+                                        self.sources))
         writer = threading.Thread(target=write_all, name="streammerge-writer", daemon=True,
                                   args=(self.halt, self.writes, self.sink, self.out_pool, self.nonfinite))
         reader.start()

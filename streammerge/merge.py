@@ -32,7 +32,11 @@ from .plan.ir import Plan
 from .report import RunReport, peak_rss_bytes
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import torch
+
+    from .io.reader import TensorSource
 
 
 def check(config_path: str | os.PathLike | None, options: RunOptions | None = None, *,
@@ -195,8 +199,9 @@ def _shard_problem(f: Path, rec: dict) -> str | None:
 
 def run(config_path: str | os.PathLike | None, out: str | os.PathLike, options: RunOptions | None = None,
         on_start: Callable[[Plan], None] | None = None, on_progress: Callable[[int], None] | None = None, *,
-        config_text: str | None = None) -> RunReport:
-    """Merge as the config says into `out`; returns the run report. `config_text`: as in `check`."""
+        config_text: str | None = None, sources: Mapping[Path, TensorSource] | None = None) -> RunReport:
+    """Merge as the config says into `out`; returns the run report. `config_text`: as in `check`;
+    `sources`: input files served from memory (`batch/stream.py`, a stage streamed into this one)."""
     from . import execute  # noqa: F401  before planning: torch is part of the memory baseline the plan measures
 
     options = _with_gpu_budget(options or RunOptions())
@@ -215,15 +220,16 @@ def run(config_path: str | os.PathLike | None, out: str | os.PathLike, options: 
     fingerprint = plan_fingerprint(plan, config)
     lock = prepare_out_dir(out, plan, options, fingerprint, config_path)
     try:
-        return _run_locked(plan, config, text, out, fingerprint, device, options, t0, on_start, on_progress)
+        return _run_locked(plan, config, text, out, fingerprint, device, options, t0, on_start, on_progress, sources)
     finally:
         lock.release()
 
 
 def _run_locked(plan: Plan, config: MergeConfig, text: str, out: Path, fingerprint: str, device: torch.device,
                 options: RunOptions, t0: float, on_start: Callable[[Plan], None] | None,
-                on_progress: Callable[[int], None] | None) -> RunReport:
-    plan, result, used = execute_plan(plan, out, fingerprint, device, options, on_start, on_progress)
+                on_progress: Callable[[int], None] | None, sources: Mapping[Path, TensorSource] | None = None
+                ) -> RunReport:
+    plan, result, used = execute_plan(plan, out, fingerprint, device, options, on_start, on_progress, sources)
     finish_folder(out, plan, config, text, options)
     return RunReport(method=plan.method, out_dir=str(out), seconds=time.perf_counter() - t0, peak_rss=peak_rss_bytes(),
                      budget=plan.budget, device=result.device, shards=result.shards, nonfinite_tensors=result.nonfinite,
@@ -231,7 +237,8 @@ def _run_locked(plan: Plan, config: MergeConfig, text: str, out: Path, fingerpri
 
 
 def execute_plan(plan: Plan, out: Path, fingerprint: str, device: torch.device, options: RunOptions,
-                 on_start: Callable[[Plan], None] | None = None, on_progress: Callable[[int], None] | None = None):
+                 on_start: Callable[[Plan], None] | None = None, on_progress: Callable[[int], None] | None = None,
+                 sources: Mapping[Path, TensorSource] | None = None):
     """Write a planned merge's shards into a locked, prepared `out` (resuming where the manifest says);
     returns (plan with resume warnings, ExecResult, kernels used). Shared by `run` and `streammerge moe`,
     which writes the files around the shards itself."""
@@ -251,7 +258,7 @@ def execute_plan(plan: Plan, out: Path, fingerprint: str, device: torch.device, 
     bound_malloc()  # process-wide: once per run, before its threads start
     executor = Executor(plan, out_dir=out, device=device, prefetch=options.prefetch, skip_shards=skip,
                         on_progress=on_progress, on_shard_done=shard_done, check_nonfinite=options.check_nonfinite,
-                        durable=options.fsync)
+                        durable=options.fsync, sources=sources)
     result = executor.run()
     return plan, result, dispatch.used()
 

@@ -36,8 +36,9 @@ def merge_progress(console, show: bool, label: str | None = None
 
 
 def run_with_progress(config_path: str | os.PathLike, out: str | os.PathLike, options: RunOptions, console, *,
-                      config_text: str | None = None) -> RunReport:
+                      config_text: str | None = None, **run_kw) -> RunReport:
     from .merge import run
 
     with merge_progress(console, options.progress) as (on_start, on_progress):
-        return run(config_path, out, options, on_start=on_start, on_progress=on_progress, config_text=config_text)
+        return run(config_path, out, options, on_start=on_start, on_progress=on_progress, config_text=config_text,
+                   **run_kw)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +24,14 @@ from ..io.outdir import manifest_path
 from ..options import RunOptions
 from ..plan.ir import Plan
 from .recipe import MODEL_KEYS, Stage
+from .stream import Flow, stub_dir
 
 
 @dataclass
 class StageResult:
     name: str
     out: str
-    status: str                     # built | reused | resumed
+    status: str                     # built | reused | resumed | streamed | unneeded (its reader was reused)
     seconds: float = 0.0
     bytes_read: int = 0
     bytes_written: int = 0
@@ -41,6 +43,8 @@ class StageResult:
     wave_bytes_read: int = 0              # that run's input bytes read from the files ...
     wave_bytes_alone: int = 0             # ... and what its stages would read one after another
     shards: list[dict] = dataclasses.field(default_factory=list)   # its run report's, per shard
+    streamed_into: str = ""               # streamed: the stage its tensors went to, in memory
+    held_peak: int = 0                    # streamed: the most bytes of its tensors held at once
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -138,41 +142,62 @@ def _waves(stages: list[Stage]) -> list[list[Stage]]:
 def run_stages(recipe: Path, stages: list[Stage], outdir: Path, options: RunOptions,
                on_stage: Callable[[Stage, str], None] = lambda s, status: None,
                run: Callable[..., Any] | None = None, *, shared: bool = True,
-               run_shared: Callable[..., Any] | None = None) -> list[StageResult]:
+               run_shared: Callable[..., Any] | None = None, stream: bool = False) -> list[StageResult]:
     """Every stage into OUTDIR/NAME, wave by wave; returns what happened to each, in recipe order.
     Stages of a wave that read the same input files are built in one shared-read run (`wave.py`)
-    unless `shared` is False. `run(recipe, out, options, config_text=...)` merges one stage alone
-    (default: `merge.run`) and `run_shared(recipe, wave_plan)` a shared wave (default:
-    `wave.run_wave`); the CLI passes both with a progress bar. With `options.overwrite` every stage
-    is rebuilt."""
+    unless `shared` is False; with `stream`, a stage read by one later stage only is streamed into it
+    where the budget allows (`stream.py`). `run(recipe, out, options, config_text=..., sources=...)`
+    merges one stage alone (default: `merge.run`) and `run_shared(recipe, wave_plan)` a shared wave
+    (default: `wave.run_wave`); the CLI passes both with a progress bar. With `options.overwrite`
+    every stage is rebuilt."""
     from .. import merge
     from .wave import WaveItem, plan_wave, run_wave, shareable
 
     run = run or merge.run
     run_shared = run_shared or run_wave
     outputs = {s.name: outdir / s.name for s in stages}
+    flow = Flow(recipe, stages, outdir, options, stream)
     results: dict[str, StageResult] = {}
+
+    def build_alone(stage: Stage, text: str, run_opts: RunOptions, status: str) -> None:
+        on_stage(stage, status)
+        t0 = time.perf_counter()
+        report = run(recipe, outputs[stage.name], run_opts, config_text=text)
+        results[stage.name] = _result(stage, status, time.perf_counter() - t0, report)
+
     for wave in _waves(stages):
         todo = []
         for stage in wave:
             out = outputs[stage.name]
-            text, plan, state = _planned(recipe, stage, outputs, options)
+            text, plan, state = _planned(recipe, stage, flow.paths, options)
             state = None if options.overwrite else state
             if state is True:
                 on_stage(stage, "reused")
                 results[stage.name] = StageResult(stage.name, str(out), "reused", needs=stage.needs)
+                for d in flow.producers_of(stage):
+                    on_stage(d.stage, "unneeded")
+                    results[d.stage.name] = StageResult(d.stage.name, "", "unneeded", needs=d.stage.needs)
                 continue
             run_opts = dataclasses.replace(options, resume=state is False,
                                            overwrite=state is None and out.is_dir() and any(out.iterdir()))
-            todo.append((stage, text, plan, run_opts, "resumed" if state is False else "built"))
-        can = [shared and shareable(plan, opts) for _, _, plan, opts, _ in todo]
+            status = "resumed" if state is False else "built"
+            if state is None and flow.defer(stage, text, plan):
+                continue
+            if flow.producers_of(stage):
+                streamed, text, plan = flow.stream_into(
+                    stage, lambda st=stage: _planned(recipe, st, flow.paths, options)[:2],
+                    lambda d: build_alone(d.stage, d.text, options, "built"))
+            else:
+                streamed = None
+            todo.append((stage, text, plan, run_opts, status, streamed))
+        can = [shared and t[5] is None and shareable(t[2], t[3]) for t in todo]
         for group in clusters([t[2] for t in todo], can):
+            if len(group) == 1 and todo[group[0]][5] is not None:
+                stage, text, _, run_opts, status, streamed = todo[group[0]]
+                _run_streamed(recipe, stage, text, run_opts, status, streamed, run, outputs, on_stage, results)
+                continue
             if len(group) == 1:
-                stage, text, _, run_opts, status = todo[group[0]]
-                on_stage(stage, status)
-                t0 = time.perf_counter()
-                report = run(recipe, outputs[stage.name], run_opts, config_text=text)
-                results[stage.name] = _result(stage, status, time.perf_counter() - t0, report)
+                build_alone(*(todo[group[0]][i] for i in (0, 1, 3, 4)))
                 continue
             items = [WaveItem(todo[i][0].name, todo[i][1], outputs[todo[i][0].name], todo[i][3]) for i in group]
             planned = plan_wave(recipe, items, options.budget(), options.prefetch)
@@ -192,6 +217,23 @@ def run_stages(recipe: Path, stages: list[Stage], outdir: Path, options: RunOpti
     return [results[s.name] for s in stages]
 
 
+def _run_streamed(recipe: Path, stage: Stage, text: str, run_opts: RunOptions, status: str, streamed,
+                  run: Callable[..., Any], outputs: dict[str, Path], on_stage, results: dict) -> None:
+    """A consumer and the producer streamed into it, at once."""
+    from .stream import run_streamed
+
+    producer = streamed.deferred.stage
+    on_stage(producer, "streamed")
+    on_stage(stage, status)
+    t0 = time.perf_counter()
+    opts = dataclasses.replace(run_opts, max_memory=streamed.consumer_options.max_memory)
+    report, stats = run_streamed(streamed, lambda o, sources: run(recipe, outputs[stage.name], opts,
+                                                                  config_text=text, sources=sources), run_opts)
+    results[stage.name] = _result(stage, status, time.perf_counter() - t0, report)
+    results[producer.name] = StageResult(producer.name, "", "streamed", stats.seconds, stats.bytes_read,
+                                         needs=producer.needs, streamed_into=stage.name, held_peak=stats.held_peak)
+
+
 def _result(stage: Stage, status: str, seconds: float, report) -> StageResult:
     j = report.to_json()
     shared = sum(s.bytes_shared for s in report.shards)
@@ -201,29 +243,59 @@ def _result(stage: Stage, status: str, seconds: float, report) -> StageResult:
 
 
 def check_stages(recipe: Path, stages: list[Stage], outdir: Path, options: RunOptions,
-                 shared: bool = True) -> list[tuple[Stage, str]]:
+                 shared: bool = True, stream: bool = False) -> list[tuple[Stage, str]]:
     """Each stage's state without running anything: reuse / resume / build, or why it cannot be checked
-    yet (it reads a stage not built), and which stages it would share its reads with. A stage whose
-    inputs exist is planned, so its mistakes show now."""
+    yet (it reads a stage not built), which stages it would share its reads with, and (with `stream`)
+    which stages would stream into their reader and why the others would be written. A stage whose
+    inputs exist is planned, so its mistakes show now. The stand-in folders planned against are removed
+    after unless a run left them."""
     from .wave import shareable
 
-    outputs = {s.name: outdir / s.name for s in stages}
+    flow = Flow(recipe, stages, outdir, options, stream)
+    kept = {d for d in (stub_dir(outdir, s.name) for s in stages) if d.exists()}
     rows: dict[str, str] = {}
-    for wave in _waves(stages):
-        ready = []
-        for stage in wave:
-            pending = [n for n in stage.needs if not (outputs[n] / "config.json").is_file()]
-            if pending:
-                rows[stage.name] = f"build (after {', '.join(pending)}; checked then)"
-                continue
-            _, plan, state = _planned(recipe, stage, outputs, options)
-            state = None if options.overwrite else state
-            rows[stage.name] = {True: "reuse (unchanged)", False: "resume"}.get(state, "build")
-            if state is not True:
-                ready.append((stage, plan))
-        can = [shared and shareable(plan, options) for _, plan in ready]
-        for group in clusters([p for _, p in ready], can):
-            for i in group if len(group) > 1 else ():
-                others = [ready[j][0].name for j in group if j != i]
-                rows[ready[i][0].name] += f", shared reads with {', '.join(others)}"
+
+    def pending(stage: Stage) -> list[str]:
+        return [n for n in stage.needs if n not in flow.deferred and not (flow.paths[n] / "config.json").is_file()]
+
+    def replan(stage: Stage) -> tuple[str, Plan | None]:
+        return ("", None) if pending(stage) else _planned(recipe, stage, flow.paths, options)[:2]
+
+    try:
+        for wave in _waves(stages):
+            ready = []
+            for stage in wave:
+                if pending(stage):
+                    rows[stage.name] = f"build (after {', '.join(pending(stage))}; checked then)"
+                    continue
+                text, plan, state = _planned(recipe, stage, flow.paths, options)
+                state = None if options.overwrite else state
+                rows[stage.name] = {True: "reuse (unchanged)", False: "resume"}.get(state, "build")
+                if state is True:
+                    for d in flow.producers_of(stage):
+                        flow.notes[d.stage.name] = f"not needed: {stage.name} is reused"
+                    continue
+                if state is None and flow.defer(stage, text, plan):
+                    continue
+                streamed = None
+                if flow.producers_of(stage):
+                    streamed, text, plan = flow.stream_into(stage, lambda st=stage: replan(st), lambda d: None)
+                if plan is None:
+                    rows[stage.name] = f"build (after {', '.join(pending(stage))}; checked then)"
+                elif streamed is not None:
+                    rows[stage.name] += f", streams {streamed.deferred.stage.name} in"
+                else:
+                    ready.append((stage, plan))
+            can = [shared and shareable(plan, options) for _, plan in ready]
+            for group in clusters([p for _, p in ready], can):
+                for i in group if len(group) > 1 else ():
+                    others = [ready[j][0].name for j in group if j != i]
+                    rows[ready[i][0].name] += f", shared reads with {', '.join(others)}"
+    finally:
+        for s in stages:
+            d = stub_dir(outdir, s.name)
+            if d.exists() and d not in kept:
+                shutil.rmtree(d, ignore_errors=True)
+    for name, note in flow.notes.items():
+        rows[name] += f"; {note}"
     return [(s, rows[s.name]) for s in stages]

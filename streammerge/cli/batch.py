@@ -21,6 +21,9 @@ def _batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-shared-reads", dest="shared_reads", action="store_false",
                    help="each stage reads its inputs itself (default: stages built together that read the same "
                         "files read each input band once for all of them)")
+    p.add_argument("--stream-intermediates", action="store_true",
+                   help="a stage that only one later stage reads streams into it in memory, never written, where "
+                        "--max-memory holds both runs at once (--check says which); the others are written")
     p.add_argument("--report", default=None, metavar="FILE.json", help="write the per-stage report as JSON")
     compat = p.add_argument_group("mergekit compatibility")
     add_options(p, "run", compat)
@@ -48,7 +51,8 @@ def _batch(args: argparse.Namespace, console) -> int:
         table = Table(title=f"{recipe}: {len(stages)} stage(s)")
         for col in ("stage", "reads stages", "would"):
             table.add_column(col)
-        for stage, state in check_stages(recipe, stages, outdir, options, args.shared_reads):
+        for stage, state in check_stages(recipe, stages, outdir, options, args.shared_reads,
+                                                 args.stream_intermediates):
             table.add_row(stage.name, ", ".join(stage.needs) or "-", state)
         out.print(table)
         return EXIT_OK
@@ -56,26 +60,29 @@ def _batch(args: argparse.Namespace, console) -> int:
 
     def announce(stage, status: str) -> None:
         if not quiet:
-            words = {"built": "building", "resumed": "resuming", "reused": "reused (unchanged config and inputs)"}
+            words = {"built": "building", "resumed": "resuming", "reused": "reused (unchanged config and inputs)",
+                     "streamed": "streaming into its reader (not written)",
+                     "unneeded": "not needed (its one reader is reused)"}
             base, _, shared = status.partition("+")
             extra = " (shared reads)" if shared else ""
             console.print(f"[bold]{stage.name}[/bold]: {words[base]}{extra}", highlight=False)
 
-    def run(config_path, stage_out, opts, config_text):
-        return run_with_progress(config_path, stage_out, opts, console, config_text=config_text)
+    def run(config_path, stage_out, opts, config_text, **kw):
+        return run_with_progress(config_path, stage_out, opts, console, config_text=config_text, **kw)
 
     def run_shared(recipe_path, wave):
         with merge_progress(console, options.progress) as (on_start, on_progress):
             return run_wave(recipe_path, wave, on_start, on_progress)
 
     results = run_stages(recipe, stages, outdir, options, announce, run, shared=args.shared_reads,
-                         run_shared=run_shared)
+                         run_shared=run_shared, stream=args.stream_intermediates)
     table = Table(title=f"batch {recipe}")
     for col in ("stage", "status", "seconds", "read MB", "of it shared MB", "read MB/s", "written MB", "peak RSS GiB"):
         table.add_column(col, justify="right" if col not in ("stage", "status") else "left")
     for r in results:
         j = r.to_json()
-        table.add_row(r.name, r.status, f"{r.seconds:.1f}", f"{r.bytes_read / 1e6:.1f}", f"{r.bytes_shared / 1e6:.1f}",
+        status = f"streamed into {r.streamed_into}" if r.streamed_into else r.status
+        table.add_row(r.name, status, f"{r.seconds:.1f}", f"{r.bytes_read / 1e6:.1f}", f"{r.bytes_shared / 1e6:.1f}",
                       f"{j['gb_per_s'] * 1e3:.1f}", f"{r.bytes_written / 1e6:.1f}",
                       f"{r.peak_rss / 2**30:.2f}" if r.peak_rss else "-")
     summary = _summary(results)

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Mapping, Protocol
 
 from .._lazy import lazy_module
 from ..errors import CheckpointError, short
@@ -151,21 +151,44 @@ def _open_pickled(path: Path, bins: list[Path], config: dict | None) -> ModelFil
     return ModelFiles(path, tensors, config, bins, pickled=True)
 
 
+STREAM_STUBS = ("streams", ".streammerge")  # OUTDIR/.streammerge/streams/NAME: a streamed stage's stand-in
+
+
+def is_stream_stub(path: Path) -> bool:
+    """A shard of a streamed intermediate's stand-in folder: headers only, sparse data, never read."""
+    return (path.parent.parent.name, path.parent.parent.parent.name) == STREAM_STUBS
+
+
+class TensorSource(Protocol):
+    """Tensors of one file served from memory (a streamed intermediate, `batch/handoff.py`)."""
+
+    def read(self, name: str, start: int, out: torch.Tensor) -> None: ...
+
+    def done_with(self, name: str) -> None: ...
+
+
 class RowReader:
     """Reads row bands; owns its file descriptors (no global cache), closed by `close()`.
+
+    `sources`: files whose tensors come from memory instead (a stage streamed into this one); a
+    stand-in shard of a streamed stage read without its source is refused, never read as zeros.
 
     Each file's identity (`TensorInfo.stamp`, taken when its header was read at plan time) is compared
     when the file is opened and after every read (an fstat: about a microsecond), so an input replaced
     or rewritten during the run stops it before a band of changed bytes reaches an output shard. A file
     renamed over after it was opened is read on from the inode planned: its bytes are still the planned ones."""
 
-    def __init__(self) -> None:
+    def __init__(self, sources: Mapping[Path, TensorSource] | None = None) -> None:
         self._fds: dict[Path, int] = {}
         self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
+        self._sources = dict(sources or {})
 
     def _fd(self, path: Path, stamp: FileStamp | None) -> int:
         fd = self._fds.get(path)
         if fd is None:
+            if is_stream_stub(path):
+                raise CheckpointError(f"{path}: the stand-in of a streamed stage (headers only); its tensors "
+                                      "exist only while that stage runs: run the recipe with `streammerge batch`")
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
             except FileNotFoundError:
@@ -205,9 +228,19 @@ class RowReader:
             out = torch.empty(nbytes, dtype=torch.uint8)
         else:
             out = out.view(torch.uint8).reshape(-1)[:nbytes]
-        if nbytes:
+        source = self._sources.get(info.file)
+        if nbytes and source is not None:
+            source.read(info.name, r0 * info.row_bytes, out)
+        elif nbytes:
             self.pread_into(info.file, info.begin + r0 * info.row_bytes, out, info.stamp)
         return out.view(info.torch_dtype).reshape(shape)
+
+    def done_with(self, infos: Iterable[TensorInfo]) -> None:
+        """Every read of these inputs for one tensor is done: a source may let go of what only it needed."""
+        for file, name in {(info.file, info.name) for info in infos}:
+            source = self._sources.get(file)
+            if source is not None:
+                source.done_with(name)
 
     def pread_into(self, path: Path, offset: int, out: torch.Tensor, stamp: FileStamp | None = None) -> None:
         """Fill `out` from `path` at `offset`; with `stamp`, refuse a file that is no longer the one planned
