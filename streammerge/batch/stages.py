@@ -9,6 +9,7 @@ config.json, however stale). A stage interrupted mid-run is continued with `--re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -296,6 +297,9 @@ def check_stages(recipe: Path, stages: list[Stage], outdir: Path, options: RunOp
             d = stub_dir(outdir, s.name)
             if d.exists() and d not in kept:
                 shutil.rmtree(d, ignore_errors=True)
+        for d in (stub_dir(outdir, "x").parent, stub_dir(outdir, "x").parent.parent, outdir):
+            with contextlib.suppress(OSError):
+                d.rmdir()                      # only where empty: check leaves no folder it made
     for name, note in flow.notes.items():
         rows[name] += f"; {note}"
     return [(s, rows[s.name]) for s in stages]
